@@ -1,0 +1,35 @@
+# Local bootstrap: `make demo` and `make test` both create .venv on first use.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# torch and torchvision must be pinned as a matching pair in the same pip command
+# (otherwise pip resolves a newer torch and torchvision fails to import).
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+
+export DS_ACCELERATOR ?= cpu
+export DS_BUILD_OPS ?= 0
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+export RAY_USAGE_STATS_ENABLED ?= 0
+
+.PHONY: venv demo test bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -q --upgrade pip
+	$(PY) -m pip install --disable-pip-version-check -q $(TORCH_PINS) -e '.[dev,bench]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) launch/demo.py
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.run_all
+
+clean:
+	rm -rf $(VENV) .cache

@@ -1,0 +1,258 @@
+"""Typed experiment configuration: YAML presets, dotted ``key=value`` overrides, validation.
+
+One ``ExperimentConfig`` with a section per stage (model, diffusion, data, train, eval, export).
+Every section forbids unknown keys, so a typo fails fast with the key, the value and what is
+allowed. Entry points call :func:`load_config_or_exit`, which exits with status 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import difflib
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "DiffusionConfig",
+    "EvalConfig",
+    "ExperimentConfig",
+    "ExportConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "config_to_yaml",
+    "load_config",
+    "load_config_or_exit",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key, the value and what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class ModelConfig(_Section):
+    """Which network to build: a preset from ``pipeline.models`` plus field overrides."""
+
+    preset: str = "ddpm_cifar10"
+    # Overrides of the preset's fields (base_channels, channel_mult, num_res_blocks, ...);
+    # validated by the model registry when the network is built.
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    checkpoint_activations: bool = False
+    channels_last: bool = False
+
+
+class DiffusionConfig(_Section):
+    """The diffusion process and objective (discrete-time DDPM family by default)."""
+
+    objective: Literal["ddpm", "vp_sde", "subvp_sde", "ve_sde", "ncsn", "vdm", "classifier"] = "ddpm"
+    schedule: Literal["linear", "cosine"] = "linear"
+    timesteps: int = Field(1000, ge=2, le=100_000)
+    parameterization: Literal["eps", "x0", "v"] = "eps"
+    variance: Literal["fixed_small", "fixed_large", "learned_range"] = "fixed_large"
+    loss: Literal["simple", "hybrid", "vlb"] = "simple"
+    vlb_weight: float = Field(0.001, ge=0.0)
+    importance_sampling: bool = False
+    # Fraction of labels replaced by the null class in training (classifier-free guidance).
+    label_dropout: float = Field(0.0, ge=0.0, le=1.0)
+    # Objective-specific parameters of the continuous-time methods (SDE, NCSN, VDM).
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class DataConfig(_Section):
+    """Where the shards are and how they are decoded."""
+
+    url: str = "runs/data/builtin"
+    resolution: int = Field(32, ge=4, le=1024)
+    hflip: bool = True
+    shuffle_buffer: int = Field(1000, ge=1)
+    loader_workers: int = Field(0, ge=0, le=64)
+    require_labels: bool = False
+    max_corrupt_fraction: float = Field(0.01, ge=0.0, le=1.0)
+    s3_endpoint_url: str | None = None
+    seed: int = 0
+
+
+class TrainConfig(_Section):
+    """Training loop, DeepSpeed engine, EMA, checkpoints and logging."""
+
+    run_dir: str = "runs/quickstart"
+    num_workers: int = Field(2, ge=1, le=4096)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    micro_batch: int = Field(16, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(1e-4, gt=0, le=1.0)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    warmup_images: int = Field(0, ge=0)
+    grad_clip: float = Field(1.0, ge=0)
+    total_images: int = Field(10_000, ge=1)
+    ema_rates: tuple[float, ...] = (0.9999,)
+    ema_warmup: bool = True
+    checkpoint_every_images: int = Field(5_000, ge=1)
+    keep_last: int = Field(3, ge=1)
+    keep_every_images: int = Field(0, ge=0)
+    resume: Literal["auto", "never"] | str = "auto"
+    seed: int = 0
+    collective_timeout_s: float = Field(600.0, gt=0)
+    log_every_images: int = Field(1_000, ge=1)
+    sample_every_images: int = Field(0, ge=0)
+    max_consecutive_nonfinite: int = Field(10, ge=1)
+    max_failures: int = Field(0, ge=0)
+    ray_address: str | None = None
+
+    @model_validator(mode="after")
+    def _check_ema(self) -> TrainConfig:
+        for rate in self.ema_rates:
+            if not 0.0 < rate < 1.0:
+                raise ValueError(f"ema_rates: {rate!r} is not allowed; each rate must lie in (0, 1)")
+        return self
+
+
+class EvalConfig(_Section):
+    """Sampling for metrics and the metrics themselves."""
+
+    num_samples: int = Field(50_000, ge=1)
+    batch_size: int = Field(64, ge=1)
+    sampler: Literal["ddpm", "ddim", "pc", "ode", "heun", "edm", "dpm_solver", "langevin"] = "ddim"
+    steps: int = Field(50, ge=1)
+    eta: float = Field(0.0, ge=0.0)
+    guidance_scale: float = Field(0.0, ge=0.0)
+    classifier_scale: float = Field(0.0, ge=0.0)
+    seed: int = 0
+    num_workers: int = Field(1, ge=1)
+    metrics: tuple[Literal["fid", "is", "pr", "kid", "bpd"], ...] = ("fid", "is", "pr", "kid")
+    feature_extractor: str = "inception-v3-compat"
+    inception_weights: str | None = None
+    ema_rate: float | None = None
+
+
+class ExportConfig(_Section):
+    ema_rate: float | None = None
+    format: Literal["native", "diffusers"] = "native"
+
+
+class ExperimentConfig(_Section):
+    name: str = "experiment"
+    model: ModelConfig = ModelConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    export: ExportConfig = ExportConfig()
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, overrides, errors
+
+
+def _allowed_keys(section: type[BaseModel]) -> list[str]:
+    return sorted(section.model_fields)
+
+
+def _section_at(path: list[str]) -> type[BaseModel] | None:
+    """The pydantic class that owns the dotted ``path`` (None for free-form dict fields)."""
+    cls: type[BaseModel] = ExperimentConfig
+    for part in path:
+        field = cls.model_fields.get(part)
+        if field is None:
+            return cls
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            cls = ann
+        else:
+            return None
+    return cls
+
+
+def _format_validation_error(err: ValidationError, raw: dict[str, Any]) -> str:
+    lines = []
+    for item in err.errors():
+        loc = [str(p) for p in item["loc"]]
+        key = ".".join(loc) or "<root>"
+        if item["type"] == "extra_forbidden":
+            owner = _section_at(loc[:-1])
+            allowed = _allowed_keys(owner) if owner else []
+            hint = difflib.get_close_matches(loc[-1], allowed, n=1)
+            extra = f" (did you mean '{hint[0]}'?)" if hint else ""
+            lines.append(f"unknown key '{key}'{extra}; allowed keys here: {', '.join(allowed)}")
+        else:
+            value = item.get("input")
+            lines.append(f"{key}: value {value!r} is not allowed: {item['msg']}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    if not all(parts):
+        raise ConfigError(f"override key '{key}' is malformed; expected dotted names like train.lr")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{key}': '{'.'.join(parts[: i + 1])}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` strings to a raw config tree; values are parsed as YAML scalars."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.lr=2e-4)")
+        key, _, text = item.partition("=")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override '{key}': value {text!r} is not valid YAML: {exc}") from None
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def build_config(tree: dict[str, Any]) -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, tree)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Read a YAML preset (or the defaults when ``path`` is None) and apply dotted overrides."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file '{path}' must hold a mapping at the top level, got {type(loaded).__name__}")
+        tree = loaded or {}
+    return build_config(apply_overrides(tree, list(overrides)))
+
+
+def load_config_or_exit(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """:func:`load_config` for entry points: print the error and exit with status 2."""
+    try:
+        return load_config(path, overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def config_to_yaml(cfg: ExperimentConfig) -> str:
+    """The resolved config as YAML, exactly what ran (round-trips through :func:`load_config`)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
