@@ -79,6 +79,15 @@ class DataConfig(_Section):
     max_corrupt_fraction: float = Field(0.01, ge=0.0, le=1.0)
     s3_endpoint_url: str | None = None
     seed: int = 0
+    # Check each shard's sha256 against the manifest while streaming it.
+    verify_sha256: bool = True
+    # botocore retry policy and timeouts of every S3 call (see pipeline.data.storage.S3Settings).
+    s3_retry_mode: Literal["standard", "adaptive"] = "standard"
+    s3_max_attempts: int = Field(5, ge=1, le=20)
+    s3_connect_timeout_s: float = Field(10.0, gt=0)
+    s3_read_timeout_s: float = Field(60.0, gt=0)
+    # How long the reader waits for a DataLoader worker's next batch before failing.
+    loader_timeout_s: float = Field(600.0, gt=0)
 
 
 class TrainConfig(_Section):
@@ -103,7 +112,8 @@ class TrainConfig(_Section):
     checkpoint_every_images: int = Field(5_000, ge=1)
     keep_last: int = Field(3, ge=1)
     keep_every_images: int = Field(0, ge=0)
-    resume: Literal["auto", "never"] | str = "auto"
+    # "auto": newest committed checkpoint in run_dir; "never"; or the images seen of one checkpoint.
+    resume: Literal["auto", "never"] | int | str = "auto"
     seed: int = 0
     collective_timeout_s: float = Field(600.0, gt=0)
     log_every_images: int = Field(1_000, ge=1)
@@ -136,6 +146,28 @@ class EvalConfig(_Section):
     feature_extractor: str = "inception-v3-compat"
     inception_weights: str | None = None
     ema_rate: float | None = None
+    # Where the samples go and how the work is split (see evaluation/sampling.py).
+    name: str | None = None  # folder under <run>/eval/<checkpoint>/; None: derived from the settings
+    samples_per_shard: int = Field(1000, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    write_npz: bool = False  # also write samples.npz in the openai reference-batch format
+    worker_timeout_s: float = Field(3600.0, gt=0)
+    # Metrics (torch-fidelity's defaults) and the reference set.
+    pr_k: int = Field(3, ge=1)
+    kid_subsets: int = Field(100, ge=1)
+    kid_subset_size: int = Field(1000, ge=2)
+    is_splits: int = Field(10, ge=1)
+    reference_url: str | None = None  # dataset for reference statistics; None: data.url
+    reference_max_images: int | None = Field(None, ge=2)
+    reference_cache: str | None = None  # None: ~/.cache/diffusion-pipeline/reference-stats
+    download_weights: bool = True
+    download_timeout_s: float = Field(60.0, gt=0)
+    # Bits/dim: full-chain VLB over held-out shards.
+    bpd_url: str | None = None  # None: data.url
+    bpd_max_images: int = Field(1000, ge=1)
+    # Scheduled evaluation.
+    poll_s: float = Field(60.0, gt=0)
 
 
 class ExportConfig(_Section):

@@ -1,0 +1,101 @@
+"""Diffusion math, pure torch (no distributed or storage imports). Discrete-time core:
+
+Schedules (schedules.py; float64 tensors, frozen `Schedule` from `make_schedule(betas)`):
+    linear_betas(T), cosine_betas(T, s=0.008, max_beta=0.999), cosine_alpha_bar(t, s),
+    make_schedule(betas), build_schedule(name, T), respace(schedule, 'ddim50' | '10,15,20' | int),
+    space_timesteps(T, spec). A respaced schedule keeps `timestep_map`: the model is always called
+    with ORIGINAL timesteps t (float).
+Forward process, posterior, parameterisations (gaussian.py):
+    q_sample, q_mean_variance, q_posterior_mean_variance, x0_eps_from_output, output_from_x0_eps,
+    model_log_variance, p_mean_variance(model, schedule, x_t, t_index, y, parameterization='eps'|'x0'|'v',
+    variance='fixed_small'|'fixed_large'|'learned_range', clip_denoised) -> PMeanVariance(mean, variance,
+    log_variance, pred_x0, eps), oracle_model(GaussianMixture, schedule, parameterization).
+Losses (losses.py): training_losses(..., loss_type='simple'|'hybrid'|'vlb') -> LossOutput(loss, mse, vlb),
+    ImportanceSampler, normal_kl, discretized_gaussian_log_likelihood, vlb_term_bpd.
+Samplers (samplers.py): ddpm_sample, ddim_sample(eta), ddim_invert, ddpm_step, ddim_step, slerp,
+    noise_from_seeds (per-sample counter-based noise).
+Likelihood (likelihood.py): vlb_bits_per_dim -> VLBOutput(total, prior, terms), prior_bpd.
+Oracle (oracle.py): GaussianMixture with closed-form score, denoiser, classifier and density.
+
+The model callable is `model(x, t, y=None, **cond) -> Tensor` (2C channels for learned_range).
+"""
+
+from .gaussian import (
+    PARAMETERIZATIONS,
+    VARIANCES,
+    PMeanVariance,
+    model_log_variance,
+    oracle_model,
+    output_from_x0_eps,
+    p_mean_variance,
+    p_mean_variance_from_output,
+    q_mean_variance,
+    q_posterior_mean_variance,
+    q_sample,
+    x0_eps_from_output,
+)
+from .likelihood import VLBOutput, prior_bpd, vlb_bits_per_dim
+from .losses import (
+    LOSS_TYPES,
+    ImportanceSampler,
+    LossOutput,
+    discretized_gaussian_log_likelihood,
+    normal_kl,
+    training_losses,
+    vlb_term_bpd,
+)
+from .oracle import GaussianMixture
+from .samplers import ddim_invert, ddim_sample, ddim_step, ddpm_sample, ddpm_step, noise_from_seeds, slerp
+from .schedules import (
+    SCHEDULE_NAMES,
+    Schedule,
+    build_schedule,
+    cosine_alpha_bar,
+    cosine_betas,
+    linear_betas,
+    make_schedule,
+    respace,
+    space_timesteps,
+)
+
+__all__ = [
+    "LOSS_TYPES",
+    "PARAMETERIZATIONS",
+    "SCHEDULE_NAMES",
+    "VARIANCES",
+    "GaussianMixture",
+    "ImportanceSampler",
+    "LossOutput",
+    "PMeanVariance",
+    "Schedule",
+    "VLBOutput",
+    "build_schedule",
+    "cosine_alpha_bar",
+    "cosine_betas",
+    "ddim_invert",
+    "ddim_sample",
+    "ddim_step",
+    "ddpm_sample",
+    "ddpm_step",
+    "discretized_gaussian_log_likelihood",
+    "linear_betas",
+    "make_schedule",
+    "model_log_variance",
+    "noise_from_seeds",
+    "normal_kl",
+    "oracle_model",
+    "output_from_x0_eps",
+    "p_mean_variance",
+    "p_mean_variance_from_output",
+    "prior_bpd",
+    "q_mean_variance",
+    "q_posterior_mean_variance",
+    "q_sample",
+    "respace",
+    "slerp",
+    "space_timesteps",
+    "training_losses",
+    "vlb_bits_per_dim",
+    "vlb_term_bpd",
+    "x0_eps_from_output",
+]

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Start or stop a local Ray head bound to loopback only (for `ray job submit` on one machine).
+#   infra/local/ray_head.sh start   # prints the RAY_ADDRESS to export
+#   infra/local/ray_head.sh stop
+set -euo pipefail
+PORT="${RAY_HEAD_PORT:-6379}"
+DASHBOARD_PORT="${RAY_DASHBOARD_PORT:-8265}"
+export RAY_USAGE_STATS_ENABLED=0
+case "${1:-}" in
+  start)
+    ray start --head --node-ip-address=127.0.0.1 --port="$PORT" \
+      --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" --include-dashboard=true \
+      --num-cpus="${RAY_NUM_CPUS:-$(nproc)}" --disable-usage-stats
+    echo "export RAY_ADDRESS=http://127.0.0.1:${DASHBOARD_PORT}   # for ray job submit"
+    ;;
+  stop)
+    ray stop --force
+    ;;
+  *)
+    echo "usage: $0 start|stop" >&2
+    exit 2
+    ;;
+esac

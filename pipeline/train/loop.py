@@ -1,0 +1,350 @@
+"""The training loop that runs on every worker (a Ray Train worker, or a single process).
+
+Progress is counted in images seen. The timesteps and noise of every micro-batch come from a
+generator seeded by (run seed, rank, images seen, micro-step), and the data reader's cursor,
+the RNG states (dropout), the EMA and DeepSpeed's state are all checkpointed, so a resumed run
+continues exactly the stream an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+
+from pipeline.config import ExperimentConfig, config_to_yaml
+from pipeline.train import dist
+from pipeline.train.checkpoint import find_resume_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint
+from pipeline.train.ema import EMA
+from pipeline.train.engine import build_engine, global_batch, precision_dtype
+from pipeline.train.metrics import MetricsLogger, Progress, image_grid_png, quartile_of
+from pipeline.train.objective import TrainModule, is_discrete
+from pipeline.train.rundir import RunDir
+
+__all__ = ["NonFiniteLossError", "config_hash", "redacted_yaml", "stream_seed", "train"]
+
+log = logging.getLogger(__name__)
+
+_SECRET_WORDS = ("secret", "password", "token", "credential", "access_key", "session_key")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive non-finite losses; the last good checkpoint is left intact."""
+
+
+def stream_seed(seed: int, rank: int, images_seen: int, micro_step: int) -> int:
+    """Seed of one micro-batch's timesteps and noise, a hash of (run seed, rank, images seen, micro-step)."""
+    digest = hashlib.sha256(f"{seed}:{rank}:{images_seen}:{micro_step}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def config_hash(cfg: ExperimentConfig) -> str:
+    return hashlib.sha256(config_to_yaml(cfg).encode()).hexdigest()
+
+
+def model_hash(cfg: ExperimentConfig) -> str:
+    """Hash of what a checkpoint's tensors depend on (network and objective)."""
+    text = config_to_yaml(cfg.model_copy(update={"train": type(cfg.train)(), "data": type(cfg.data)(),
+                                                 "eval": type(cfg.eval)(), "export": type(cfg.export)(),
+                                                 "name": ""}))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def redacted_yaml(cfg: ExperimentConfig) -> str:
+    """The resolved config as YAML with any credential-like value masked (and URL user info removed)."""
+    import re
+
+    import yaml
+
+    def scrub(node: Any, key: str = "") -> Any:
+        if isinstance(node, dict):
+            return {k: scrub(v, str(k)) for k, v in node.items()}
+        if isinstance(node, list):
+            return [scrub(v, key) for v in node]
+        if isinstance(node, str):
+            if any(w in key.lower() for w in _SECRET_WORDS):
+                return "***"
+            return re.sub(r"(://)[^/@\s]+@", r"\1", node)  # scheme://user:pass@host -> scheme://host
+        return node
+
+    return yaml.safe_dump(scrub(cfg.model_dump(mode="json")), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", dist.local_rank() % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def _draw_t_noise(module: TrainModule, x0: torch.Tensor, generator: torch.Generator, sampler):
+    """Timestep indices, importance weights (or None) and noise for one micro-batch."""
+    n = x0.shape[0]
+    if sampler is not None:
+        t, weights = sampler.sample(n, generator=generator)
+        t, weights = t.to(x0.device), weights.to(x0.device, torch.float32)
+    else:
+        t = torch.randint(0, module.num_timesteps, (n,), generator=generator, device=generator.device)
+        weights = None
+    noise = torch.randn(x0.shape, generator=generator, device=generator.device, dtype=x0.dtype)
+    return t.to(x0.device), weights, noise.to(x0.device)
+
+
+def train(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Train on this worker until ``cfg.train.total_images``; returns a summary (rank 0's view)."""
+    from pipeline.models import build_model_from_config
+    from pipeline.train.data import build_reader, model_labels
+
+    tc = cfg.train
+    rank, world = dist.rank(), dist.world_size()
+    device = _device()
+    run = RunDir(tc.run_dir)
+    main = rank == 0
+    if main:
+        run.write_text("config.yaml", redacted_yaml(cfg))
+
+    # Identical initial weights on every rank (ZeRO-3 partitions each rank's own copy).
+    torch.manual_seed(tc.seed)
+    net = build_model_from_config(cfg.model)
+    module = TrainModule(net, cfg.diffusion)
+    engine = build_engine(module, tc, world)
+    # Dropout draws from the global generator: a per-rank stream, checkpointed with the run.
+    torch.manual_seed(stream_seed(tc.seed, rank, -1, 0))
+    ema = EMA(engine.module, tc.ema_rates, rank, world, warmup=tc.ema_warmup)
+    sampler = _importance_sampler(cfg, module)
+    reader = build_reader(cfg, rank, world)
+    gbatch = global_batch(tc, world)
+
+    images_seen, step, consecutive_bad, skipped_total = 0, 0, 0, 0
+    ckpt = _resume_target(cfg)
+    if ckpt is not None:
+        if ckpt.manifest.get("model_hash") not in (None, model_hash(cfg)):
+            raise ValueError(f"train.resume: checkpoint {ckpt.rel} was trained with a different model or "
+                             f"diffusion configuration; start a new run_dir or set train.resume=never")
+        if ckpt.manifest.get("config_hash") != config_hash(cfg) and main:
+            log.warning("resuming %s with a changed configuration (config hash differs)", ckpt.rel)
+        state = load_checkpoint(engine, tc.run_dir, ckpt, ema)
+        images_seen, step = state["images_seen"], state["step"]
+        reader.load_state_dict(state["rank_state"]["data"])
+        shared = state["shared_state"]
+        skipped_total = int(shared.get("skipped_steps", 0))
+        if sampler is not None and shared.get("importance_sampler") is not None:
+            sampler.load_state_dict(shared["importance_sampler"])
+        if main:
+            print(f"resumed from {run.join(ckpt.rel)} at {images_seen} images (step {step})", flush=True)
+
+    logger = MetricsLogger(tc.run_dir, enabled=main)
+    progress = Progress(tc.total_images, images_seen, enabled=main)
+    dtype = precision_dtype(tc.precision)
+    autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext())
+    num_t = module.num_timesteps
+    num_classes = int(getattr(getattr(net, "config", None), "num_classes", 0) or 0)
+    acc = _Accumulator(num_t is not None)
+    last_log_time, last_log_images = time.perf_counter(), images_seen
+    batches = iter(reader)
+
+    def checkpoint() -> None:
+        shared = {"skipped_steps": skipped_total,
+                  "importance_sampler": sampler.state_dict() if sampler is not None else None}
+        save_checkpoint(engine, tc.run_dir, images_seen=images_seen, step=step, ema=ema,
+                        rank_state={"data": reader.state_dict()}, shared_state=shared,
+                        config_hash=config_hash(cfg), model_hash=model_hash(cfg),
+                        keep_last=tc.keep_last, keep_every=tc.keep_every_images)
+
+    last_ckpt = images_seen
+    while images_seen < tc.total_images:
+        bad_step = False
+        for micro in range(tc.grad_accum):
+            x0, labels = next(batches)
+            x0 = x0.to(device, non_blocking=True)
+            gen = torch.Generator(device=device).manual_seed(stream_seed(tc.seed, rank, images_seen, micro))
+            y = model_labels(labels.to(device), num_classes, cfg.diffusion.label_dropout, gen)
+            if num_t is not None:
+                t, weights, noise = _draw_t_noise(module, x0, gen, sampler)
+            else:
+                t, weights, noise = None, None, None
+            with autocast:
+                losses = engine(x0, y, t, noise, gen).float()
+            weighted = losses * weights if weights is not None else losses
+            loss = weighted.mean()
+            finite = torch.isfinite(loss.detach()).to(torch.float32)
+            # Every rank must agree to skip, or the next collective would hang.
+            all_finite = bool(dist.all_reduce_max(1.0 - finite.cpu()).item() == 0.0)
+            if not all_finite:
+                bad_step = True
+                if tc.grad_accum == 1:
+                    break  # nothing accumulated yet: skip backward and the optimizer step
+            # With accumulation the bad micro-batch's gradients are non-finite, and DeepSpeed's
+            # overflow check skips the optimizer step for every rank.
+            engine.backward(loss)
+            engine.step()
+            if all_finite:
+                acc.add(losses.detach(), quartile_of(t, num_t) if t is not None else None)
+                if sampler is not None:
+                    _update_sampler(sampler, t, losses.detach())
+        images_seen += gbatch
+        step += 1
+        applied = (not bad_step) and _step_applied(engine)
+        if applied:
+            ema.update()
+            consecutive_bad = 0
+        else:
+            skipped_total += 1
+            consecutive_bad += 1
+            if consecutive_bad > tc.max_consecutive_nonfinite:
+                logger.close()
+                progress.close()
+                raise NonFiniteLossError(
+                    f"{consecutive_bad} consecutive optimizer steps had a non-finite loss or gradient "
+                    f"(limit train.max_consecutive_nonfinite={tc.max_consecutive_nonfinite}) at {images_seen} "
+                    f"images; training stopped. The last good checkpoint is the newest under "
+                    f"{run.join('checkpoints')}; lower train.lr or use precision=bf16/fp32")
+        progress.update(gbatch, loss=acc.last_loss)
+        if images_seen // tc.log_every_images > (images_seen - gbatch) // tc.log_every_images \
+                or images_seen >= tc.total_images:
+            now = time.perf_counter()
+            scalars = acc.reduce_and_reset()
+            scalars.update(lr=engine.get_lr()[0], grad_norm=_grad_norm(engine), loss_scale=_loss_scale(engine),
+                           images_per_s=(images_seen - last_log_images) / max(now - last_log_time, 1e-9),
+                           skipped_steps=skipped_total, step=step)
+            logger.log(images_seen, scalars)
+            last_log_time, last_log_images = now, images_seen
+        if tc.sample_every_images and images_seen // tc.sample_every_images > \
+                (images_seen - gbatch) // tc.sample_every_images:
+            write_sample_grid(cfg, ema, images_seen)
+        if images_seen // tc.checkpoint_every_images > last_ckpt // tc.checkpoint_every_images \
+                or images_seen >= tc.total_images:
+            checkpoint()
+            logger.flush()
+            last_ckpt = images_seen
+    if tc.sample_every_images and images_seen % tc.sample_every_images and images_seen > 0:
+        write_sample_grid(cfg, ema, images_seen)
+    progress.close()
+    logger.close()
+    return {"images_seen": images_seen, "step": step, "skipped_steps": skipped_total,
+            "run_dir": tc.run_dir}
+
+
+def _resume_target(cfg: ExperimentConfig):
+    resume = cfg.train.resume
+    if resume == "never":
+        return None
+    if resume == "auto":
+        found = None
+        if dist.is_main():
+            # Nobody is saving now: leftovers of an interrupted save can go.
+            RunDir(cfg.train.run_dir).delete_tree("checkpoints/.staging")
+            found = find_resume_checkpoint(cfg.train.run_dir)
+        name = dist.broadcast_object(found.images_seen if found else None)
+        return resolve_checkpoint(cfg.train.run_dir, name) if name is not None else None
+    return resolve_checkpoint(cfg.train.run_dir, resume)
+
+
+def _step_applied(engine) -> bool:
+    fn = getattr(engine, "was_step_applied", None)
+    return bool(fn()) if fn is not None else True
+
+
+def _grad_norm(engine) -> float | None:
+    value = engine.get_global_grad_norm()
+    if value is None:
+        return None
+    return float(value.item() if isinstance(value, torch.Tensor) else value)
+
+
+def _loss_scale(engine) -> float | None:
+    """The dynamic loss scale (fp16 only)."""
+    if not engine.fp16_enabled():
+        return None
+    scale = getattr(engine.optimizer, "cur_scale", None)
+    return float(scale) if scale is not None else None
+
+
+def _importance_sampler(cfg: ExperimentConfig, module: TrainModule):
+    if not cfg.diffusion.importance_sampling:
+        return None
+    if module.num_timesteps is None:
+        raise ValueError(f"diffusion.importance_sampling: True is not allowed for objective "
+                         f"{cfg.diffusion.objective!r}; it applies to the discrete-time objectives")
+    from pipeline.diffusion import ImportanceSampler
+
+    return ImportanceSampler(module.num_timesteps)
+
+
+def _update_sampler(sampler, t: torch.Tensor, losses: torch.Tensor) -> None:
+    """Every rank feeds the same all-gathered (t, loss) pairs, so all hold the same history."""
+    pairs = dist.all_gather_object((t.cpu(), losses.float().cpu()))
+    sampler.update(torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs]))
+
+
+class _Accumulator:
+    """Local sums of the loss (overall and per timestep quartile) between log points."""
+
+    def __init__(self, by_quartile: bool):
+        self.by_quartile = by_quartile
+        self.last_loss = math.nan
+        self._reset()
+
+    def _reset(self) -> None:
+        self.sums = torch.zeros(10, dtype=torch.float64)  # [sum, count, q0 sum, q0 count, ...]
+
+    def add(self, losses: torch.Tensor, quartile: torch.Tensor | None) -> None:
+        losses = losses.double().cpu()
+        self.sums[0] += losses.sum()
+        self.sums[1] += losses.numel()
+        self.last_loss = float(losses.mean())
+        if self.by_quartile and quartile is not None:
+            q = quartile.cpu()
+            for i in range(4):
+                mask = q == i
+                self.sums[2 + 2 * i] += losses[mask].sum()
+                self.sums[3 + 2 * i] += mask.sum()
+
+    def reduce_and_reset(self) -> dict[str, float | None]:
+        total = dist.all_reduce_sum(self.sums)
+        self._reset()
+        out: dict[str, float | None] = {"loss": (total[0] / total[1]).item() if total[1] > 0 else None}
+        if self.by_quartile:
+            for i in range(4):
+                c = total[3 + 2 * i]
+                out[f"loss_q{i}"] = (total[2 + 2 * i] / c).item() if c > 0 else None
+        return out
+
+
+def write_sample_grid(cfg: ExperimentConfig, ema: EMA, images_seen: int, num: int = 64) -> str | None:
+    """Collective: materialise the first EMA on every rank, rank 0 samples ``num`` images from fixed
+    seeds 0..num-1 with 50 DDIM steps and writes ``<run>/samples/<images seen>.png``."""
+    full = ema.gather_full(ema.rates[0])
+    if not dist.is_main() or cfg.diffusion.objective != "ddpm":
+        return None
+    from pipeline.diffusion import build_schedule, ddim_sample, respace
+    from pipeline.models import build_model_from_config
+
+    net = build_model_from_config(cfg.model)
+    state = {k[len("net."):]: v for k, v in full.items() if k.startswith("net.")}
+    missing, _ = net.load_state_dict(state, strict=False)
+    params = {name for name, _ in net.named_parameters()}
+    if params & set(missing):
+        raise RuntimeError(f"EMA weights lack parameters {sorted(params & set(missing))[:5]}")
+    net.eval()
+    schedule = respace(build_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps), "ddim50")
+    conf = net.config
+    seeds = list(range(num))
+    num_classes = getattr(conf, "num_classes", 0)
+    y = torch.tensor([s % num_classes for s in seeds]) if num_classes else None
+    with torch.no_grad():
+        images = ddim_sample(net, schedule, (num, conf.in_channels, conf.image_size, conf.image_size), seeds=seeds,
+                             y=y, parameterization=cfg.diffusion.parameterization, variance=cfg.diffusion.variance)
+    png = image_grid_png(images, nrow=int(math.sqrt(num)))
+    run = RunDir(cfg.train.run_dir)
+    rel = f"samples/{images_seen:012d}.png"
+    run.write_bytes(rel, png)
+    run.write_bytes("samples/latest.png", png)
+    return run.join(rel)
