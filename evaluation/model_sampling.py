@@ -113,9 +113,16 @@ def load_ema_model(run_url: str, checkpoint: int | str, ema_rate: float | None, 
     from pipeline.models import build_model_from_config
     from pipeline.train.checkpoint import load_ema_weights
 
-    state, _ = load_ema_weights(run_url, checkpoint, ema_rate)
+    from pipeline.export import network_state_dict
+
+    weights, _ = load_ema_weights(run_url, checkpoint, ema_rate)
+    torch.manual_seed(0)  # building initialises weights that are then replaced; keep it deterministic
     network = build_model_from_config(ModelConfig.model_validate(model))
-    network.load_state_dict(state)
+    try:
+        network.load_state_dict(network_state_dict(weights), strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"checkpoint {checkpoint} of {run_url}: its EMA weights do not fit the configured network: "
+                         f"{str(exc).splitlines()[0]}") from None
     return network.eval()
 
 

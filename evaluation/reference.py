@@ -170,7 +170,7 @@ class ReferenceFeatures:
 
     def provenance(self, dataset_url: str) -> dict:
         return {"dataset_url": dataset_url, "manifest_sha256": self.manifest_sha256, "count": self.stats.count,
-                "resolution": self.resolution, "cache_url": self.cache_url}
+                "resolution": self.resolution, "cache_url": self.cache_url, "from_cache": self.from_cache}
 
 
 def reference_features(

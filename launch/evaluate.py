@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from evaluation.evaluate import evaluate_checkpoint, watch
     from evaluation.inception import MissingWeightsError, resolve_feature_extractor
+    from pipeline.train.checkpoint import resolve_checkpoint
     from pipeline.train.ray_launch import init_ray
 
     progress = not args.no_progress
@@ -110,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
             resolve_feature_extractor(cfg.eval.feature_extractor, cfg.eval.inception_weights,
                                       allow_download=cfg.eval.download_weights,
                                       download_timeout_s=cfg.eval.download_timeout_s)
+        if not args.watch:
+            resolve_checkpoint(args.run, args.checkpoint)  # a wrong --checkpoint fails before Ray starts
         init_ray(cfg, address=args.address)
         if args.watch:
             results = watch(cfg, args.run, once=args.once, progress=progress, on_result=_print_result)

@@ -14,7 +14,7 @@ import torch
 from pipeline.data import storage
 from pipeline.data.prepare import prepare_dataset
 from pipeline.data.reader import CorruptDataError, ShardReader, buffer_shuffle_order, worker_shards
-from pipeline.data.shards import ShardIntegrityError, read_manifest
+from pipeline.data.shards import ShardIntegrityError
 
 SHARDS, PER_SHARD = 5, 7
 EPOCHS = 3

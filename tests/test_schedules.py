@@ -84,6 +84,8 @@ def test_bad_schedule_inputs_name_argument_value_and_allowed():
         build_schedule("quadratic", 1000)
     with pytest.raises(ValueError, match=r"num_timesteps: 0"):
         build_schedule("linear", 0)
+    with pytest.raises(ValueError, match=r"num_timesteps: 10 .*linear.*T > 20"):
+        build_schedule("linear", 10)
     with pytest.raises(ValueError, match=r"betas: values"):
         make_schedule(torch.tensor([0.1, 1.5]))
     with pytest.raises(ValueError, match=r"betas: shape"):

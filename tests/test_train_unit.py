@@ -334,3 +334,46 @@ def test_bad_resume_request_is_a_clear_error(reference_run, dataset, tmp_path):
     proc = _train_subprocess([*TINY, f"data.url={dataset}", f"train.run_dir={run}", "train.total_images=80",
                               "train.resume=48"])
     assert proc.returncode != 0 and "checkpoint: 48 is not in run" in proc.stderr
+
+
+def test_other_objectives_train_through_the_same_engine(dataset, tmp_path):
+    """The ADM-G noisy classifier, VDM (whose learned schedule trains and is averaged with the
+    network) and the VLB with importance-sampled timesteps, a few steps each, in one process."""
+    code = r"""
+import json, sys, torch
+torch.set_num_threads(1)
+from pipeline.config import load_config
+from pipeline.train.loop import train
+from pipeline.train.checkpoint import load_ema_weights
+base, root = json.loads(sys.argv[1]), sys.argv[2]
+runs = {
+  "classifier": ["model.preset=adm_classifier_64", "model.overrides={image_size: 8, base_channels: 8, "
+                 "channel_mult: [1, 2], num_res_blocks: 1, attention_resolutions: [4], num_head_channels: 8, "
+                 "norm_groups: 4, num_classes: 10}", "diffusion.objective=classifier", "data.require_labels=true"],
+  "vdm": ["diffusion.objective=vdm", "diffusion.options={hidden: 16}"],
+  "vlb_is": ["diffusion.objective=ddpm", "diffusion.loss=vlb", "diffusion.importance_sampling=true",
+             "diffusion.timesteps=4"],
+}
+for name, extra in runs.items():
+    cfg = load_config(None, [*base, f"train.run_dir={root}/{name}", *extra])
+    summary = train(cfg)
+    weights, manifest = load_ema_weights(f"{root}/{name}", rate=0.9)
+    finite = all(torch.isfinite(v).all() for v in weights.values())
+    objective_keys = sorted(k for k in weights if k.startswith("objective."))
+    print("RESULT", json.dumps({"name": name, "images": summary["images_seen"], "finite": bool(finite),
+          "objective_keys": len(objective_keys), "sampler": manifest["shared"]["importance_sampler"] is not None}))
+"""
+    base = [*[o for o in TINY if not o.startswith("model.")], f"data.url={dataset}", "train.zero_stage=1",
+            "train.micro_batch=4", "train.total_images=24", "train.checkpoint_every_images=24",
+            "model.preset=tiny", TINY[1]]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(base), str(tmp_path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    results = {r["name"]: r for r in (json.loads(x.split(" ", 1)[1]) for x in proc.stdout.splitlines()
+                                      if x.startswith("RESULT "))}
+    assert set(results) == {"classifier", "vdm", "vlb_is"}
+    assert all(r["images"] == 24 and r["finite"] for r in results.values())
+    assert results["vdm"]["objective_keys"] > 0  # the learned noise schedule is part of the EMA
+    assert results["classifier"]["objective_keys"] == 0
+    assert results["vlb_is"]["sampler"]  # the importance sampler's history is checkpointed

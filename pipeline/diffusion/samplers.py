@@ -77,11 +77,14 @@ def noise_from_seeds(
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"step: {step!r} is not allowed; expected an int >= 0")
     n = math.prod(shape_per_sample)
-    key = _mix32(_mix32(_mix32((s >> 32) & _M32) ^ (s & _M32)) ^ (step & _M32))  # (B,)
-    key = _mix32(key ^ ((step >> 32) & _M32))
+    # odd additive constants keep 0 from being a fixed point of the chain (mix32(0) = 0)
+    key = _mix32(((s >> 32) & _M32) ^ 0x9E3779B9)
+    key = _mix32((key + (s & _M32) + 0x7F4A7C15) & _M32)
+    key = _mix32((key + (step & _M32) + 0x85EBCA6B) & _M32)
+    key = _mix32((key + ((step >> 32) & _M32) + 0xC2B2AE35) & _M32)  # (B,)
     half = (n + 1) // 2
-    ctr = torch.arange(2 * half, device=s.device, dtype=torch.int64)
-    bits = _mix32((_mix32(key[:, None] ^ _mix32(ctr)[None]) + key[:, None]) & _M32)  # (B, 2*half)
+    ctr = _mix32((torch.arange(2 * half, device=s.device, dtype=torch.int64) + 0x27D4EB2F) & _M32)
+    bits = _mix32((_mix32(key[:, None] ^ ctr[None]) + key[:, None] + 0x165667B1) & _M32)  # (B, 2*half)
     u1 = (bits[:, :half].to(torch.float64) + 0.5) / 2**32  # in (0, 1)
     u2 = bits[:, half:].to(torch.float64) / 2**32
     r = torch.sqrt(-2 * torch.log(u1))

@@ -54,11 +54,15 @@ class Schedule:
         return int(self.betas.shape[0])
 
 
-
 def linear_betas(num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
     """DDPM sec. 4: betas linear from 1e-4 to 0.02 at T=1000, scaled by 1000/T for other T (Improved DDPM)."""
     _check_T(num_timesteps)
     scale = 1000.0 / num_timesteps
+    if scale * beta_end >= 1:
+        raise ValueError(
+            f"num_timesteps: {num_timesteps} is not allowed for linear betas up to {beta_end} at T=1000 "
+            f"(scaled by 1000/T they reach 1); expected T > {math.floor(1000 * beta_end)}"
+        )
     return torch.linspace(scale * beta_start, scale * beta_end, num_timesteps, dtype=torch.float64)
 
 

@@ -33,8 +33,11 @@ __all__ = [
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding of float timesteps (B,) -> (B, dim), computed in fp32.
 
-    Transformer positional encoding (Vaswani et al. 2017, Sec. 3.5) used for the noise level in
-    DDPM (Ho et al. 2020, Appendix B): frequencies ``max_period ** (-i / half)``, [cos, sin].
+    Transformer positional encoding (Vaswani et al. 2017, Sec. 3.5) applied to the noise level
+    (Ho et al. 2020, Appendix B): frequencies ``max_period ** (-i / half)``, [cos, sin] as in
+    ADM; DDPM's TensorFlow code orders [sin, cos] and divides by ``half - 1`` (a slightly
+    different frequency grid; interchangeable for a network trained from scratch, not for
+    loading DDPM's released weights).
     """
     if t.ndim != 1:
         raise ValueError(f"t: expected shape (B,), got {tuple(t.shape)}")

@@ -1,0 +1,183 @@
+"""Generate images from an exported model folder (launch/export.py --format native).
+
+    python launch/sample.py --model DIR --num N [--sampler ddim|ddpm] [--steps S] [--eta E]
+                            [--class-label K] [--guidance-scale W] [--seed S] [--batch-size B]
+                            [--device cpu|cuda] [--overwrite] --out grid.png|DIR/
+
+Image i is drawn from seed ``evaluation.sampling.sample_seed(S, i)`` by the evaluation stage's own
+sampler (``evaluation.model_sampling.make_sample_fn``), so for the same seed, sampler and steps
+the images equal those the evaluation stage generated for its metrics. A class-conditional
+model draws each image's label from its seed, unless ``--class-label`` fixes it;
+``--guidance-scale W`` applies classifier-free guidance (Ho & Salimans eq. 6, w = 0: conditional).
+``--out`` ending in .png writes one grid; otherwise a folder of PNGs plus samples.json
+(seed and label of each image). Bad input exits with status 2 and a message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="exported model folder")
+    p.add_argument("--num", type=int, required=True, help="number of images N")
+    p.add_argument("--sampler", help="ddim or ddpm (default: the run's evaluation sampler, in config.json)")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the run's evaluation steps)")
+    p.add_argument("--eta", type=float, help="DDIM eta (default: the run's evaluation eta)")
+    p.add_argument("--class-label", type=int, help="class of every image (class-conditional models)")
+    p.add_argument("--guidance-scale", type=float, default=0.0, help="classifier-free guidance weight w >= 0")
+    p.add_argument("--seed", type=int, default=0, help="image i uses seed sample_seed(seed, i)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--out", required=True, help="grid.png, or a folder for one PNG per image")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    return p.parse_args(argv)
+
+
+def grid(images, nrow: int, padding: int = 2):
+    """(N, H, W, C) uint8 -> one (rows, cols) grid image with ``padding`` black pixels between cells."""
+    import numpy as np
+
+    n, h, w, c = images.shape
+    rows = math.ceil(n / nrow)
+    out = np.zeros((rows * (h + padding) + padding, nrow * (w + padding) + padding, c), dtype=np.uint8)
+    for i, img in enumerate(images):
+        r, k = divmod(i, nrow)
+        y, x = padding + r * (h + padding), padding + k * (w + padding)
+        out[y:y + h, x:x + w] = img
+    return out
+
+
+def _to_pil(array):
+    from PIL import Image
+
+    return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+
+
+class ConditionedModel:
+    """The model with a fixed class label and/or classifier-free guidance, as the samplers' model callable."""
+
+    def __init__(self, model, class_label: int | None, guidance_scale: float):
+        from pipeline.diffusion.guidance import classifier_free_guidance
+
+        self.model = model
+        self.config = model.config
+        self.class_label = class_label
+        self.guided = (classifier_free_guidance(model, guidance_scale, null_class=model.config.num_classes)
+                       if guidance_scale else model)
+
+    def to(self, device):
+        self.model.to(device)
+        return self
+
+    def eval(self):
+        self.model.eval()
+        return self
+
+    def __call__(self, x, t, y=None, **cond):
+        import torch
+
+        if self.class_label is not None:
+            y = torch.full((x.shape[0],), self.class_label, dtype=torch.long, device=x.device)
+        return self.guided(x, t, y, **cond)
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.num < 1:
+        return _fail(f"--num: {args.num} is not allowed; it must be >= 1")
+    if args.batch_size < 1:
+        return _fail(f"--batch-size: {args.batch_size} is not allowed; it must be >= 1")
+    if args.guidance_scale < 0:
+        return _fail(f"--guidance-scale: {args.guidance_scale} is not allowed; it must be >= 0")
+    if args.seed < 0:
+        return _fail(f"--seed: {args.seed} is not allowed; it must be >= 0")
+    out = Path(args.out)
+    as_grid = out.suffix.lower() == ".png"
+    if out.exists() and (as_grid or any(out.iterdir())) and not args.overwrite:
+        return _fail(f"--out: {args.out!r} exists; pass --overwrite to replace it")
+
+    import numpy as np
+    import torch
+    from tqdm.auto import tqdm
+
+    from evaluation.model_sampling import SamplerSettings, check_discrete, make_sample_fn
+    from evaluation.sampling import sample_seeds
+    from pipeline.pretrained import load_pretrained
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        model, config = load_pretrained(args.model, device=device)
+        check_discrete(config.diffusion.model_dump())
+        defaults = config.sampling
+        settings = SamplerSettings(args.sampler or defaults.get("sampler", "ddim"),
+                                   args.steps if args.steps is not None else int(defaults.get("steps", 50)),
+                                   args.eta if args.eta is not None else float(defaults.get("eta", 0.0)))
+    except ValueError as exc:
+        return _fail(str(exc))
+    num_classes = config.num_classes
+    if args.class_label is not None and not (num_classes and 0 <= args.class_label < num_classes):
+        allowed = f"0..{num_classes - 1}" if num_classes else "none: the model is unconditional"
+        return _fail(f"--class-label: {args.class_label} is not allowed; classes: {allowed}")
+    if args.guidance_scale and not num_classes:
+        return _fail(f"--guidance-scale: {args.guidance_scale} is not allowed for an unconditional model")
+    if args.guidance_scale and not config.diffusion.label_dropout:
+        print("warning: the model was trained without label dropout (diffusion.label_dropout=0); its null class "
+              "is untrained and guidance will not behave as intended", file=sys.stderr)
+    net = model
+    if args.class_label is not None or args.guidance_scale:
+        net = ConditionedModel(model, args.class_label, args.guidance_scale)
+    d = config.diffusion
+    sample_fn = make_sample_fn(net, settings, schedule=d.schedule, timesteps=d.timesteps,
+                               parameterization=d.parameterization, variance=d.variance, device=device)
+
+    indices = np.arange(args.num)
+    seeds = sample_seeds(args.seed, indices)
+    images, labels = [], []
+    for start in tqdm(range(0, args.num, args.batch_size), desc="sampling", unit="batch"):
+        stop = min(start + args.batch_size, args.num)
+        result = sample_fn(indices[start:stop], seeds[start:stop])
+        batch, batch_labels = result if isinstance(result, tuple) else (result, None)
+        images.append(batch)
+        if batch_labels is not None:
+            labels.extend(int(v) for v in batch_labels)
+    images = np.concatenate(images)
+    if args.class_label is not None:
+        labels = [args.class_label] * args.num
+    names = config.class_names
+    if as_grid:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _to_pil(grid(images, nrow=math.ceil(math.sqrt(args.num)))).save(out)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        records = []
+        for i, img in enumerate(images):
+            _to_pil(img).save(out / f"{i:06d}.png")
+            rec = {"index": i, "file": f"{i:06d}.png", "seed": int(seeds[i])}
+            if labels:
+                rec["label"] = labels[i]
+                if names:
+                    rec["class_name"] = names[labels[i]]
+            records.append(rec)
+        info = {"model": str(args.model), "sampler": settings.as_dict(), "guidance_scale": args.guidance_scale,
+                "class_label": args.class_label, "seed": args.seed,
+                "seed_rule": "image i uses evaluation.sampling.sample_seed(seed, i)", "images": records}
+        (out / "samples.json").write_text(json.dumps(info, indent=1) + "\n")
+    print(f"wrote {args.num} images to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

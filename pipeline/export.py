@@ -1,0 +1,487 @@
+"""Export one EMA of a training checkpoint for serving: safetensors + JSON + a model card.
+
+``export_run(run, out)`` gathers the chosen EMA's full fp32 weights from the per-rank slices of a
+committed checkpoint (any ZeRO stage, 3 included: :func:`pipeline.train.checkpoint.load_ema_weights`),
+and writes, atomically:
+
+``native`` (default)
+    ``model.safetensors``  the bare network's ``state_dict`` (fp32)
+    ``config.json``        architecture, diffusion process, resolution, class names, EMA rate,
+                           images seen, default sampler, provenance, sha256 of the weights
+    ``README.md``          model card: training provenance, the run's latest evaluation metrics
+                           with theirs, how to load and sample, the exact command that made it
+``diffusers``
+    ``model_index.json``, ``unet/``, ``scheduler/`` (``DDPMPipeline.from_pretrained``) and ``README.md``;
+    see :mod:`pipeline.diffusers_export`.
+
+Nothing is pickled and nothing here imports DeepSpeed or Ray. The folder loads with
+:func:`pipeline.pretrained.load_pretrained`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from pipeline.config import ConfigError, ExperimentConfig, build_config
+from pipeline.pretrained import (
+    CONFIG_FILE,
+    EXPORT_FORMAT,
+    FORMAT_VERSION,
+    WEIGHTS_FILE,
+    model_config_dict,
+)
+from pipeline.train.checkpoint import Checkpoint, load_ema_weights, resolve_checkpoint
+from pipeline.train.rundir import RunDir, sha256_file
+
+__all__ = [
+    "FORMATS",
+    "ExportResult",
+    "ExportSource",
+    "evaluation_records",
+    "export_run",
+    "gather_export",
+    "load_run_config",
+    "model_card",
+    "network_state_dict",
+]
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("native", "diffusers")
+CARD_FILE = "README.md"
+# The training module (pipeline.train.objective.TrainModule) holds the network as ``net``.
+_NET_PREFIX = "net."
+
+
+@dataclass(frozen=True)
+class ExportSource:
+    """One EMA of one checkpoint, gathered: the bare network's full weights and what describes them."""
+
+    run_url: str
+    checkpoint: Checkpoint
+    ema_rate: float
+    config: ExperimentConfig  # <run>/config.yaml, the resolved config training ran with
+    network_config: Any  # pipeline.models UNetConfig / ClassifierConfig
+    state: dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: str
+    format: str
+    ema_rate: float
+    images_seen: int
+    files: tuple[str, ...]
+
+
+# ---------------------------------------------------------------------------------------------
+# Gathering
+
+
+def load_run_config(run_url: str) -> ExperimentConfig:
+    """The resolved config training saved as ``<run>/config.yaml``."""
+    run = RunDir(run_url)
+    if not run.exists("config.yaml"):
+        raise ValueError(f"run: {run_url!r} has no config.yaml; is it a training run directory?")
+    try:
+        tree = yaml.safe_load(run.read_bytes("config.yaml")) or {}
+        return build_config(tree)
+    except (yaml.YAMLError, ConfigError) as exc:
+        raise ValueError(f"run: {run_url!r}: config.yaml cannot be read: {exc}") from None
+
+
+def network_state_dict(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The bare network's ``state_dict`` from EMA weights.
+
+    Training's EMA covers the training module, so its names carry the ``net.`` prefix (and a
+    learned-schedule objective adds ``objective.*``, which is not part of the network); EMA files
+    made from a bare network (as some tools write) are returned unchanged.
+    """
+    if any(k.startswith(_NET_PREFIX) for k in weights):
+        return {k[len(_NET_PREFIX):]: v for k, v in weights.items() if k.startswith(_NET_PREFIX)}
+    return dict(weights)
+
+
+def _verify_ema_files(run: RunDir, ckpt: Checkpoint) -> None:
+    files = ckpt.manifest.get("files", {})
+    for name in ckpt.manifest.get("ema", {}).get("files", []):
+        meta = files.get(name)
+        if meta is None:  # manifests that list no checksums
+            continue
+        rel = f"{ckpt.rel}/{name}"
+        if not run.exists(rel):
+            raise ValueError(f"checkpoint {ckpt.rel}: EMA file {name} is missing")
+        if run.sha256(rel) != meta["sha256"]:
+            raise ValueError(f"checkpoint {ckpt.rel}: EMA file {name} fails its sha256 check (corrupted); "
+                             f"choose another checkpoint with --checkpoint")
+
+
+def gather_export(run_url: str, checkpoint: str | int = "latest", ema_rate: float | None = None) -> ExportSource:
+    """Full weights of one EMA (``ema_rate`` None: the checkpoint's first) of a committed checkpoint."""
+    from pipeline.models import build_model_from_config
+
+    ckpt = resolve_checkpoint(run_url, checkpoint)
+    cfg = load_run_config(run_url)
+    rates = [float(r) for r in ckpt.manifest.get("ema", {}).get("rates", [])]
+    if ema_rate is not None and not any(abs(r - float(ema_rate)) < 1e-12 for r in rates):
+        raise ValueError(f"ema rate: {ema_rate!r} is not held by checkpoint {ckpt.rel} of run {run_url!r}; "
+                         f"it holds {rates}")
+    run = RunDir(run_url)
+    _verify_ema_files(run, ckpt)
+    weights, manifest = load_ema_weights(run_url, ckpt.images_seen, ema_rate)
+    rate = float(ema_rate) if ema_rate is not None else rates[0]
+    state = {k: v.contiguous() for k, v in network_state_dict(weights).items()}
+    torch.manual_seed(0)  # building initialises weights; keep that cheap and deterministic
+    net = build_model_from_config(cfg.model)
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"checkpoint {ckpt.rel}: its EMA weights do not fit the network of {run_url}/config.yaml: "
+                         f"{str(exc).splitlines()[0]}") from None
+    return ExportSource(run_url, ckpt, rate, cfg, net.config, state)
+
+
+def class_names(cfg: ExperimentConfig, num_classes: int) -> tuple[str, ...] | None:
+    """Class names from the dataset manifest (None when unconditional or unreadable, with a warning)."""
+    if not num_classes:
+        return None
+    try:
+        from pipeline.data.shards import read_manifest
+
+        classes = tuple(read_manifest(cfg.data.url).classes)
+    except Exception as exc:  # the data may have moved or need credentials; the export does not depend on it
+        log.warning("class names: dataset manifest at %s is not readable (%s); exporting without names",
+                    cfg.data.url, exc)
+        return None
+    if len(classes) != num_classes:
+        log.warning("class names: the dataset lists %d classes, the network has %d; exporting without names",
+                    len(classes), num_classes)
+        return None
+    return classes
+
+
+def evaluation_records(run_url: str) -> list[dict[str, Any]]:
+    """Every finished evaluation of the run (``<run>/eval/<checkpoint>/<name>/metrics.json``), oldest first."""
+    run = RunDir(run_url)
+    out = []
+    for ckpt_name in run.list_dirs("eval"):
+        for name in run.list_dirs(f"eval/{ckpt_name}"):
+            rel = f"eval/{ckpt_name}/{name}/metrics.json"
+            if not run.exists(rel):
+                continue
+            try:
+                record = json.loads(run.read_bytes(rel))
+            except (ValueError, OSError) as exc:
+                log.warning("evaluation %s: unreadable (%s); skipped", rel, exc)
+                continue
+            if isinstance(record, dict) and isinstance(record.get("metrics"), dict):
+                out.append({**record, "_url": run.join(rel)})
+    return sorted(out, key=lambda r: (str(r.get("created_utc", "")), r["_url"]))
+
+
+def select_metrics(records: list[dict[str, Any]], images_seen: int, ema_rate: float) -> tuple[list[dict], str]:
+    """Evaluations of this checkpoint and EMA; else the run's latest evaluation, said so."""
+    def same(r: dict) -> bool:
+        ck = r.get("checkpoint") or {}
+        return ck.get("images_seen") == images_seen and abs(float(r.get("ema_rate", -1)) - ema_rate) < 1e-12
+
+    exact = [r for r in records if same(r)]
+    if exact:
+        return exact, "evaluations of the exported checkpoint and EMA rate"
+    if records:
+        return [records[-1]], ("no evaluation of the exported checkpoint and EMA rate exists; this is the run's "
+                               "latest evaluation, of a different checkpoint or EMA rate")
+    return [], "the run has no finished evaluation"
+
+
+def _metric_summary(record: dict[str, Any]) -> dict[str, Any]:
+    ck = record.get("checkpoint") or {}
+    extractor = record.get("feature_extractor") or {}
+    return {
+        "metrics": record.get("metrics", {}),
+        "checkpoint": ck.get("name"),
+        "images_seen": ck.get("images_seen"),
+        "ema_rate": record.get("ema_rate"),
+        "name": record.get("name"),
+        "sampler": record.get("sampler"),
+        "num_samples": record.get("num_samples"),
+        "eval_seed": (record.get("seeds") or {}).get("eval_seed"),
+        "feature_extractor": extractor.get("feature_extractor"),
+        "feature_weights_sha256": extractor.get("weights_sha256") or extractor.get("sha256"),
+        "reference": record.get("reference"),
+        "created_utc": record.get("created_utc"),
+        "url": record.get("_url"),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {}
+    for dist in ("torch", "safetensors", "diffusers", "diffusion-pipeline"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def export_document(src: ExportSource, weights_sha256: str, weights_bytes: int, command: str,
+                    metrics: list[dict], metrics_note: str) -> dict[str, Any]:
+    """What ``config.json`` holds (native format)."""
+    cfg, ck = src.config, src.checkpoint
+    net_cfg = model_config_dict(src.network_config)
+    num_classes = int(net_cfg.get("num_classes", 0) or 0)
+    return {
+        "format": EXPORT_FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": net_cfg,
+        "model_preset": cfg.model.model_dump(mode="json"),
+        "diffusion": cfg.diffusion.model_dump(mode="json"),
+        "resolution": int(net_cfg.get("image_size", cfg.data.resolution)),
+        "in_channels": int(net_cfg.get("in_channels", 3)),
+        "num_classes": num_classes,
+        "class_names": list(class_names(cfg, num_classes) or []) or None,
+        "sampling": {"sampler": cfg.eval.sampler, "steps": cfg.eval.steps, "eta": cfg.eval.eta},
+        "ema_rate": src.ema_rate,
+        "images_seen": ck.images_seen,
+        "step": ck.manifest.get("step"),
+        "source": {
+            "run": src.run_url,
+            "checkpoint": ck.rel,
+            "ema_updates": ck.manifest.get("ema", {}).get("num_updates"),
+            "ema_rates_in_checkpoint": ck.manifest.get("ema", {}).get("rates"),
+            "world_size": ck.manifest.get("world_size"),
+            "config_hash": ck.manifest.get("config_hash"),
+            "model_hash": ck.manifest.get("model_hash"),
+            "zero_stage": cfg.train.zero_stage,
+            "precision": cfg.train.precision,
+            "dataset": cfg.data.url,
+        },
+        "weights": {"file": WEIGHTS_FILE, "sha256": weights_sha256, "bytes": weights_bytes, "dtype": "float32",
+                    "num_parameters": int(sum(t.numel() for t in src.state.values()))},
+        "metrics": {"note": metrics_note, "evaluations": [_metric_summary(r) for r in metrics]},
+        "command": command,
+        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "versions": _versions(),
+    }
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return "" if value is None else str(value)
+
+
+def model_card(doc: dict[str, Any], fmt: str = "native") -> str:
+    """README.md of an export: what the model is, where it came from, how good it is, how to use it."""
+    model, diff, src = doc["model"], doc["diffusion"], doc["source"]
+    names = doc.get("class_names")
+    lines = [
+        f"# {Path(src['run']).name or 'diffusion model'}: EMA {doc['ema_rate']:g} at {doc['images_seen']:,} images",
+        "",
+        f"A {doc['resolution']}x{doc['resolution']} pixel-space diffusion model "
+        f"({'class-conditional, ' + str(doc['num_classes']) + ' classes' if doc['num_classes'] else 'unconditional'}), "
+        f"exported from a training checkpoint of this project's pipeline "
+        f"({'native format: model.safetensors + config.json' if fmt == 'native' else 'diffusers format'}).",
+        "",
+        "## Model",
+        "",
+        "| field | value |",
+        "|---|---|",
+        f"| network | {model.get('architecture')} (preset `{doc['model_preset'].get('preset')}`), "
+        f"{doc['weights']['num_parameters']:,} parameters, fp32 |",
+        f"| channels | base {model.get('base_channels')}, multipliers {model.get('channel_mult')}, "
+        f"{model.get('num_res_blocks')} residual blocks per level, attention at {model.get('attention_resolutions')} |",
+        f"| diffusion | objective `{diff['objective']}`, `{diff['schedule']}` schedule, T = {diff['timesteps']}, "
+        f"predicts `{diff['parameterization']}`, variance `{diff['variance']}` |",
+        f"| classes | {', '.join(names) if names else ('unavailable' if doc['num_classes'] else 'none')} |",
+        f"| null class (guidance) | {doc['num_classes'] if doc['num_classes'] else 'n/a'} "
+        f"(trained with label dropout {diff.get('label_dropout', 0)}) |",
+        "",
+        "## Provenance",
+        "",
+        "| field | value |",
+        "|---|---|",
+        f"| run | `{src['run']}` |",
+        f"| checkpoint | `{src['checkpoint']}` |",
+        f"| images seen | {doc['images_seen']:,} (step {doc.get('step')}) |",
+        f"| EMA rate | {doc['ema_rate']:g} ({src.get('ema_updates')} updates; the checkpoint holds "
+        f"{src.get('ema_rates_in_checkpoint')}) |",
+        f"| training | {src.get('world_size')} workers, ZeRO stage {src.get('zero_stage')}, {src.get('precision')} |",
+        f"| dataset | `{src.get('dataset')}` |",
+        f"| config hash | `{src.get('config_hash')}` |",
+        f"| weights sha256 | `{doc['weights']['sha256']}` |",
+        f"| created | {doc['created_utc']} |",
+        "",
+        "## Evaluation",
+        "",
+        f"{doc['metrics']['note'][:1].upper()}{doc['metrics']['note'][1:]}.",
+        "",
+    ]
+    evaluations = doc["metrics"]["evaluations"]
+    if evaluations:
+        keys = sorted({k for e in evaluations for k, v in e["metrics"].items() if isinstance(v, (int, float))})
+        lines += ["| checkpoint | EMA | evaluation | samples | " + " | ".join(keys) + " |",
+                  "|---|---|---|---|" + "---|" * len(keys)]
+        for e in evaluations:
+            lines.append(f"| {e['checkpoint']} | {_fmt(e['ema_rate'])} | {e['name']} | {e['num_samples']} | "
+                         + " | ".join(_fmt(e["metrics"].get(k)) for k in keys) + " |")
+        lines.append("")
+        for e in evaluations:
+            ref = e.get("reference") or {}
+            ref_text = ref.get("url") or ref.get("dataset") or json.dumps(ref, sort_keys=True)[:200] if ref else "none"
+            lines.append(f"- `{e['name']}` (checkpoint {e['checkpoint']}): sampler {json.dumps(e['sampler'])}, "
+                         f"eval seed {e['eval_seed']}, features {e['feature_extractor']}, reference {ref_text}, "
+                         f"created {e['created_utc']}; full provenance: `{e['url']}`")
+        lines.append("")
+    if fmt == "native":
+        lines += [
+            "## Use",
+            "",
+            "```python",
+            "from pipeline import load_pretrained",
+            "",
+            "model, config = load_pretrained(\"path/to/this/folder\")  # no DeepSpeed, no Ray, no pickle",
+            "```",
+            "",
+            "```bash",
+            f"python launch/sample.py --model path/to/this/folder --num 64 --sampler {doc['sampling']['sampler']} "
+            f"--steps {doc['sampling']['steps']} --seed 0 --out grid.png",
+            "```",
+            "",
+            "`launch/sample.py` draws image i from seed `evaluation.sampling.sample_seed(seed, i)` with the same "
+            "code as the evaluation stage, so its images equal the evaluation's for the same seed.",
+            "",
+        ]
+    else:
+        lines += [
+            "## Use",
+            "",
+            "```python",
+            "from diffusers import DDPMPipeline",
+            "",
+            "pipe = DDPMPipeline.from_pretrained(\"path/to/this/folder\")",
+            "images = pipe(batch_size=4, num_inference_steps=1000).images",
+            "```",
+            "",
+            "The scheduler's betas are the training schedule's, exactly (`trained_betas`).",
+            "",
+        ]
+    lines += ["## Made by", "", "```bash", doc["command"], "```", ""]
+    return "\n".join(lines)
+
+
+def _default_command(run_url: str, out: str, checkpoint: str | int, ema_rate: float | None, fmt: str) -> str:
+    return (f"pipeline.export.export_run({run_url!r}, {out!r}, checkpoint={checkpoint!r}, ema_rate={ema_rate!r}, "
+            f"fmt={fmt!r})")
+
+
+def _check_output(out: str, run_url: str, overwrite: bool) -> None:
+    from pipeline.data import storage
+
+    if storage.is_s3(out):
+        if storage.exists(out) and not overwrite:
+            raise ValueError(f"--out: {out!r} exists; pass --overwrite to replace it")
+        return
+    path = Path(out).expanduser().resolve()
+    if not RunDir(run_url).is_s3:
+        run = Path(run_url).expanduser().resolve()
+        if path == run or run.is_relative_to(path):
+            raise ValueError(f"--out: {out!r} is not allowed; it would replace the run directory {run_url!r}")
+    if path.exists() or path.is_symlink():
+        if not overwrite:
+            raise ValueError(f"--out: {out!r} exists; pass --overwrite to replace it")
+        if path.is_dir() and any(path.iterdir()) and not any(
+                (path / f).exists() for f in (CONFIG_FILE, "model_index.json", CARD_FILE)):
+            raise ValueError(f"--out: {out!r} is a non-empty folder that holds no export; refusing to replace it "
+                             f"even with --overwrite")
+
+
+def _publish(staging: Path, out: str, overwrite: bool) -> None:
+    """Move the finished folder into place (local: by rename, so a reader never sees half an export)."""
+    from pipeline.data import storage
+
+    if storage.is_s3(out):
+        if overwrite and storage.exists(out):
+            storage.delete_prefix(out.rstrip("/") + "/")
+        for path in sorted(p for p in staging.rglob("*") if p.is_file()):
+            storage.upload_file(str(path), storage.join(out, path.relative_to(staging).as_posix()))
+        return
+    dest = Path(out).expanduser()
+    staging.chmod(0o755)  # mkdtemp makes it private
+    old = None
+    if dest.exists() or dest.is_symlink():
+        old = dest.with_name(f".{dest.name}.replaced-{os.getpid()}")
+        os.replace(dest, old)
+    os.replace(staging, dest)
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+
+
+def _staging_dir(out: str) -> Path:
+    from pipeline.data import storage
+
+    if storage.is_s3(out):
+        return Path(tempfile.mkdtemp(prefix="export-"))
+    dest = Path(out).expanduser()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+
+
+def export_run(run_url: str, out: str, *, checkpoint: str | int = "latest", ema_rate: float | None = None,
+               fmt: str = "native", overwrite: bool = False, command: str | None = None) -> ExportResult:
+    """Export one EMA of a committed checkpoint of ``run_url`` to the folder ``out`` (local or s3://)."""
+    from safetensors.torch import save_file
+
+    if fmt not in FORMATS:
+        raise ValueError(f"--format: {fmt!r} is not allowed; use one of {', '.join(FORMATS)}")
+    if not out:
+        raise ValueError("--out: '' is not allowed; give the folder to write")
+    _check_output(out, run_url, overwrite)
+    src = gather_export(run_url, checkpoint, ema_rate)
+    if fmt == "diffusers":
+        from pipeline.diffusers_export import check_mappable
+
+        check_mappable(src.network_config, src.config.diffusion)  # refuse before writing anything
+    command = command or _default_command(run_url, out, checkpoint, ema_rate, fmt)
+    records, note = select_metrics(evaluation_records(run_url), src.checkpoint.images_seen, src.ema_rate)
+    staging = _staging_dir(out)
+    try:
+        weights_path = staging / WEIGHTS_FILE
+        save_file(src.state, str(weights_path), metadata={"format": "pt", "export_format": EXPORT_FORMAT})
+        doc = export_document(src, sha256_file(weights_path), weights_path.stat().st_size, command, records, note)
+        if fmt == "native":
+            (staging / CONFIG_FILE).write_text(json.dumps(doc, indent=2) + "\n")
+        else:
+            from pipeline.diffusers_export import write_diffusers
+
+            weights_path.unlink()
+            write_diffusers(staging, src.state, src.network_config, src.config.diffusion)
+            (staging / "export.json").write_text(json.dumps({k: v for k, v in doc.items() if k != "weights"},
+                                                            indent=2) + "\n")
+        (staging / CARD_FILE).write_text(model_card(doc, fmt))
+        files = tuple(sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file()))
+        _publish(staging, out, overwrite)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return ExportResult(out, fmt, src.ema_rate, src.checkpoint.images_seen, files)

@@ -1,0 +1,165 @@
+"""Load an exported model folder: ``model.safetensors`` + ``config.json``, nothing else.
+
+A serving process needs only this module (torch, safetensors and the network definitions):
+it imports neither DeepSpeed nor Ray, and reads no pickle. ::
+
+    from pipeline import load_pretrained
+
+    model, config = load_pretrained("exports/cifar10-ema0.9999")
+    eps = model(x_t, t)                        # the model callable of pipeline.diffusion
+    config.diffusion.schedule, config.diffusion.timesteps, config.class_names
+
+The folder is written by :mod:`pipeline.export` (``launch/export.py``). ``config.json`` records
+the network's complete architecture, the diffusion process it was trained for, the image
+resolution, the class names and where the weights came from (run, checkpoint, EMA rate), plus
+the sha256 of the weights file, which is checked on every load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.config import DiffusionConfig
+
+__all__ = [
+    "CONFIG_FILE",
+    "EXPORT_FORMAT",
+    "FORMAT_VERSION",
+    "WEIGHTS_FILE",
+    "PretrainedConfig",
+    "load_pretrained",
+    "read_export_config",
+    "read_weights",
+]
+
+EXPORT_FORMAT = "diffusion-pipeline-export"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+@dataclass(frozen=True)
+class PretrainedConfig:
+    """What an export says about its model, typed."""
+
+    model: Any  # pipeline.models.UNetConfig (or ClassifierConfig): the complete architecture
+    diffusion: DiffusionConfig  # the process and parameterisation the network was trained for
+    resolution: int
+    class_names: tuple[str, ...] | None  # None: unconditional, or the names were not available at export
+    ema_rate: float
+    images_seen: int
+    sampling: dict[str, Any]  # default sampler settings (the run's evaluation settings)
+    source: dict[str, Any]  # run, checkpoint, hashes: where the weights came from
+    raw: dict[str, Any]  # config.json as read
+
+    @property
+    def num_classes(self) -> int:
+        return int(getattr(self.model, "num_classes", 0) or 0)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_export_config(folder: str | Path) -> dict[str, Any]:
+    """``config.json`` of an export folder, checked for the format; ValueError naming the problem."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"model folder: {str(folder)!r} does not exist or is not a folder; "
+                         f"expected a folder written by launch/export.py")
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        hint = " (it looks like a diffusers folder: load it with diffusers)" if (folder / "model_index.json").is_file() \
+            else ""
+        raise ValueError(f"model folder: {str(folder)!r} has no {CONFIG_FILE}{hint}; expected a folder written by "
+                         f"launch/export.py --format native")
+    try:
+        doc = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(doc, dict) or doc.get("format") != EXPORT_FORMAT:
+        got = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
+        raise ValueError(f"{path}: format {got!r} is not allowed; expected {EXPORT_FORMAT!r}")
+    if doc.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: format_version {doc.get('format_version')!r} is not supported; "
+                         f"this library reads version {FORMAT_VERSION}")
+    for key in ("model", "diffusion", "weights"):
+        if not isinstance(doc.get(key), dict):
+            raise ValueError(f"{path}: field {key!r} is missing or not an object")
+    return doc
+
+
+def read_weights(folder: str | Path, doc: dict[str, Any] | None = None, verify: bool = True) -> dict[str, torch.Tensor]:
+    """The tensors of ``model.safetensors``; with ``verify`` its sha256 must match ``config.json``."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    doc = read_export_config(folder) if doc is None else doc
+    path = folder / doc["weights"].get("file", WEIGHTS_FILE)
+    if not path.is_file():
+        raise ValueError(f"model folder: {str(folder)!r} has no weights file {path.name}")
+    if verify:
+        expected = doc["weights"].get("sha256")
+        actual = _sha256(path)
+        if expected != actual:
+            raise ValueError(f"{path}: the file is corrupted or was replaced: its sha256 {actual} differs from "
+                             f"{expected} recorded in {CONFIG_FILE}; export the model again")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(f"{path}: not a readable safetensors file ({exc}); export the model again") from None
+
+
+def load_pretrained(folder: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                    verify: bool = True) -> tuple[nn.Module, PretrainedConfig]:
+    """``(model, config)`` from an export folder: the network in eval mode with its weights frozen,
+    on ``device`` in ``dtype``, ready to be passed to a sampler (``model(x, t, y=None)``)."""
+    from pipeline.models import build_model_from_dict
+
+    doc = read_export_config(folder)
+    state = read_weights(folder, doc, verify=verify)
+    try:
+        model = build_model_from_dict(dict(doc["model"]))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{Path(folder) / CONFIG_FILE}: field 'model' does not describe a network: {exc}") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"{Path(folder) / WEIGHTS_FILE}: the weights do not fit the network in {CONFIG_FILE}: "
+                         f"{str(exc).splitlines()[0]}") from None
+    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    try:
+        diffusion = DiffusionConfig.model_validate(doc["diffusion"])
+    except ValueError as exc:
+        raise ValueError(f"{Path(folder) / CONFIG_FILE}: field 'diffusion' is not valid: {exc}") from None
+    names = doc.get("class_names")
+    config = PretrainedConfig(
+        model=model.config,
+        diffusion=diffusion,
+        resolution=int(doc.get("resolution", model.config.image_size)),
+        class_names=tuple(names) if names is not None else None,
+        ema_rate=float(doc.get("ema_rate", float("nan"))),
+        images_seen=int(doc.get("images_seen", -1)),
+        sampling=dict(doc.get("sampling") or {}),
+        source=dict(doc.get("source") or {}),
+        raw=doc,
+    )
+    return model, config
+
+
+def model_config_dict(config: Any) -> dict[str, Any]:
+    """``dataclasses.asdict`` of a network config, JSON-ready (tuples as lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
