@@ -72,7 +72,7 @@ def stack(cfg) -> tuple[float, list[float]]:
 
     run_training(cfg)
     records = [json.loads(x) for x in (Path(cfg.train.run_dir) / "logs/metrics.jsonl").read_text().splitlines()]
-    rates = [r["images_per_s"] for r in records[2:]]  # skip the first intervals (engine warm-up)
+    rates = [r["images_per_s"] for r in records[2:] if r["images_seen"] > 0]  # skip the first intervals (engine warm-up)
     return statistics.median(rates), rates
 
 
@@ -81,6 +81,7 @@ def main() -> int:
     p.add_argument("--config", default="configs/quickstart.yaml")
     p.add_argument("--images", type=int, default=4800, help="images the stack trains (after data prep)")
     p.add_argument("--out", default="benchmarks/results/train_cpu.json")
+    p.add_argument("--repeats", type=int, default=2, help="stack runs, each between two bare runs")
     args = p.parse_args()
 
     from pipeline.data.prepare import prepare_dataset
@@ -90,16 +91,23 @@ def main() -> int:
     prepare_dataset("builtin:shapes10", str(data), shard_size=256, num_samples=2048, workers=0, progress=False)
     base = load_config(args.config)
     log_every = base.train.micro_batch * 10
-    cfg = load_config(args.config, [
-        f"data.url={data}", f"train.run_dir={work / 'run'}", "train.num_workers=1", "train.resume=never",
-        f"train.total_images={args.images}", f"train.log_every_images={log_every}",
-        f"train.checkpoint_every_images={10 * args.images}", "train.sample_every_images=0",
-    ])
-    steps = max(10, args.images // cfg.train.micro_batch // 3)
-    bare_before = bare_loop(cfg, steps)
-    stack_rate, intervals = stack(cfg)
-    bare_after = bare_loop(cfg, steps)
-    bare = (bare_before + bare_after) / 2
+    def make_cfg(i: int):
+        return load_config(args.config, [
+            f"data.url={data}", f"train.run_dir={work / f'run{i}'}", "train.num_workers=1", "train.resume=never",
+            f"train.total_images={args.images}", f"train.log_every_images={log_every}",
+            f"train.checkpoint_every_images={10 * args.images}", "train.sample_every_images=0",
+        ])
+
+    cfg = make_cfg(0)
+    steps = max(10, args.images // cfg.train.micro_batch // 2)
+    # Shared machine: alternate bare, stack, bare, stack, bare and compare medians (and bests).
+    bares, stacks, intervals = [bare_loop(cfg, steps)], [], []
+    for i in range(args.repeats):
+        rate, rates = stack(make_cfg(i))
+        stacks.append(rate)
+        intervals.append([round(r, 2) for r in rates])
+        bares.append(bare_loop(cfg, steps))
+    bare, stack_rate = statistics.median(bares), statistics.median(stacks)
     result = {
         "benchmark": "train_stack_overhead_cpu",
         "config": args.config,
@@ -110,16 +118,18 @@ def main() -> int:
         "resolution": cfg.data.resolution,
         "workers": 1,
         "threads_per_worker": int(cfg.train.cpus_per_worker),
-        "bare_images_per_s": {"before": round(bare_before, 2), "after": round(bare_after, 2), "mean": round(bare, 2)},
-        "stack_images_per_s": round(stack_rate, 2),
-        "stack_intervals_images_per_s": [round(r, 2) for r in intervals],
+        "bare_images_per_s": {"runs": [round(b, 2) for b in bares], "median": round(bare, 2)},
+        "stack_images_per_s": {"runs": [round(r, 2) for r in stacks], "median": round(stack_rate, 2)},
+        "stack_intervals_images_per_s": intervals,
         "stack_over_bare": round(stack_rate / bare, 4),
         "overhead_fraction": round(1 - stack_rate / bare, 4),
+        "overhead_fraction_best_of": round(1 - max(stacks) / max(bares), 4),
         "goal_overhead_at_most": 0.10,
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpus": os.cpu_count(), "torch": torch.__version__,
                     "load_average_1m": round(os.getloadavg()[0], 2)},
-        "note": "shared 2-core machine: other processes ran concurrently; bare measured before and after",
+        "note": "shared 2-core machine with other jobs running: bare and stack runs alternate; the stack "
+                "rate of a run is the median of its logged intervals after warm-up (startup excluded)",
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")

@@ -18,7 +18,7 @@ import json
 import tarfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
@@ -253,7 +253,3 @@ def write_openai_npz(out_url: str, num_samples: int, samples_per_shard: int, nam
     storage.write_bytes(url, buffer.getvalue())
     return url
 
-
-def spec_dict(**fields) -> dict:
-    """A JSON-able spec from keyword fields (dataclasses become dicts)."""
-    return {k: asdict(v) if hasattr(v, "__dataclass_fields__") else v for k, v in fields.items()}

@@ -22,9 +22,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="training run directory (local path or s3://bucket/prefix)")
     p.add_argument("--checkpoint", default="latest", help="'latest' or the images seen of a committed checkpoint")
-    p.add_argument("--ema", type=float, help="EMA rate to export (default: the checkpoint's first)")
+    p.add_argument("--ema", type=float, help="EMA rate to export (default: the run config's export.ema_rate, "
+                                             "else the checkpoint's first)")
     p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
-    p.add_argument("--format", default="native", choices=("native", "diffusers"))
+    p.add_argument("--format", choices=("native", "diffusers"),
+                   help="native (default: the run config's export.format) or diffusers")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export at --out")
     return p.parse_args(argv)
 

@@ -28,9 +28,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeline.config import load_config_or_exit
     from pipeline.train.loop import redacted_yaml
-    from pipeline.train.ray_launch import run_training
+    from pipeline.train.ray_launch import check_launch, run_training
 
     cfg = load_config_or_exit(args.config, args.overrides)
+    try:
+        check_launch(cfg)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(redacted_yaml(cfg), flush=True)
     metrics = run_training(cfg, address=args.address, dashboard=args.dashboard)
     run = cfg.train.run_dir

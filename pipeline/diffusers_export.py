@@ -239,7 +239,8 @@ def to_diffusers_state_dict(state: dict[str, torch.Tensor], cfg) -> dict[str, to
 def build_diffusers_unet(state: dict[str, torch.Tensor], cfg):
     """A ``diffusers.UNet2DModel`` holding ``state`` (our U-Net's weights), in eval mode."""
     diffusers = _require_diffusers()
-    unet = diffusers.UNet2DModel(**diffusers_unet_config(cfg))
+    with torch.random.fork_rng(devices=[]):  # its initial weights are replaced; leave the caller's RNG alone
+        unet = diffusers.UNet2DModel(**diffusers_unet_config(cfg))
     mapped = to_diffusers_state_dict(state, cfg)
     expected = unet.state_dict()
     wrong = sorted(k for k in mapped if k in expected and expected[k].shape != mapped[k].shape)

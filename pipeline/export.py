@@ -128,11 +128,14 @@ def _verify_ema_files(run: RunDir, ckpt: Checkpoint) -> None:
 
 
 def gather_export(run_url: str, checkpoint: str | int = "latest", ema_rate: float | None = None) -> ExportSource:
-    """Full weights of one EMA (``ema_rate`` None: the checkpoint's first) of a committed checkpoint."""
+    """Full weights of one EMA of a committed checkpoint. ``ema_rate`` None: the run config's
+    ``export.ema_rate``, else the checkpoint's first rate."""
     from pipeline.models import build_model_from_config
 
     ckpt = resolve_checkpoint(run_url, checkpoint)
     cfg = load_run_config(run_url)
+    if ema_rate is None:
+        ema_rate = cfg.export.ema_rate
     rates = [float(r) for r in ckpt.manifest.get("ema", {}).get("rates", [])]
     if ema_rate is not None and not any(abs(r - float(ema_rate)) < 1e-12 for r in rates):
         raise ValueError(f"ema rate: {ema_rate!r} is not held by checkpoint {ckpt.rel} of run {run_url!r}; "
@@ -142,10 +145,10 @@ def gather_export(run_url: str, checkpoint: str | int = "latest", ema_rate: floa
     weights, manifest = load_ema_weights(run_url, ckpt.images_seen, ema_rate)
     rate = float(ema_rate) if ema_rate is not None else rates[0]
     state = {k: v.contiguous() for k, v in network_state_dict(weights).items()}
-    torch.manual_seed(0)  # building initialises weights; keep that cheap and deterministic
-    net = build_model_from_config(cfg.model)
+    with torch.device("meta"):  # only the structure is needed: no initialisation, no RNG use
+        net = build_model_from_config(cfg.model)
     try:
-        net.load_state_dict(state, strict=True)
+        net.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
         raise ValueError(f"checkpoint {ckpt.rel}: its EMA weights do not fit the network of {run_url}/config.yaml: "
                          f"{str(exc).splitlines()[0]}") from None
@@ -448,10 +451,16 @@ def _staging_dir(out: str) -> Path:
 
 
 def export_run(run_url: str, out: str, *, checkpoint: str | int = "latest", ema_rate: float | None = None,
-               fmt: str = "native", overwrite: bool = False, command: str | None = None) -> ExportResult:
-    """Export one EMA of a committed checkpoint of ``run_url`` to the folder ``out`` (local or s3://)."""
+               fmt: str | None = None, overwrite: bool = False, command: str | None = None) -> ExportResult:
+    """Export one EMA of a committed checkpoint of ``run_url`` to the folder ``out`` (local or s3://).
+
+    ``ema_rate`` / ``fmt`` None: the run config's ``export`` section (EMA: else the checkpoint's first).
+    """
     from safetensors.torch import save_file
 
+    if fmt is None:
+        resolve_checkpoint(run_url, checkpoint)  # "no committed checkpoint" before "no config.yaml"
+        fmt = load_run_config(run_url).export.format
     if fmt not in FORMATS:
         raise ValueError(f"--format: {fmt!r} is not allowed; use one of {', '.join(FORMATS)}")
     if not out:

@@ -132,14 +132,18 @@ def load_pretrained(folder: str | Path, *, device: str | torch.device = "cpu", d
     doc = read_export_config(folder)
     state = read_weights(folder, doc, verify=verify)
     try:
-        model = build_model_from_dict(dict(doc["model"]))
+        with torch.device("meta"):  # the weights come from the file: skip initialisation
+            model = build_model_from_dict(dict(doc["model"]))
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{Path(folder) / CONFIG_FILE}: field 'model' does not describe a network: {exc}") from None
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
         raise ValueError(f"{Path(folder) / WEIGHTS_FILE}: the weights do not fit the network in {CONFIG_FILE}: "
                          f"{str(exc).splitlines()[0]}") from None
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise ValueError(f"{Path(folder) / WEIGHTS_FILE}: no values for {left[:5]}")
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     try:
         diffusion = DiffusionConfig.model_validate(doc["diffusion"])

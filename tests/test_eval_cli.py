@@ -54,11 +54,13 @@ def test_watch_once_evaluates_every_committed_checkpoint(tmp_path):
     run = tmp_path / "run"
     commit_checkpoint(run, cfg, 100)
     commit_checkpoint(run, cfg, 200)
+    commit_checkpoint(run, cfg, 300, committed=False)  # no manifest: not a checkpoint yet
     (run / "config.yaml").write_text(config_to_yaml(cfg))
     out = run_cli(["--run", str(run), "--watch", "--once", "--no-progress", "--steps", "2"])
     assert out.returncode == 0, out.stderr[-3000:]
     assert "evaluated 2 checkpoint(s)" in out.stdout
     assert f"feature extractor: {inception.FIDHELPER_EXTRACTOR}" in out.stdout
+    assert not (run / "eval" / f"{300:012d}").exists()
     for images in (100, 200):
         record = json.loads((run / "eval" / f"{images:012d}" / "ddim2-n6-ema0.999-seed0" / "metrics.json").read_text())
         assert record["sampler"]["steps"] == 2 and record["metrics"]["fid"] > 0

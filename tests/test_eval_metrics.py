@@ -185,3 +185,31 @@ def test_low_rank_fid_matches_torch_fidelity_eigenvalue_form():
     full = frechet_distance(feature_statistics(f1), feature_statistics(f2))
     assert low_rank == pytest.approx(full, rel=1e-6)
     assert compute_metrics({"2048": f1}, {"2048": f2}, metrics=("fid",))["fid"] == pytest.approx(low_rank, rel=1e-12)
+
+
+@needs_fidhelper
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_configured_weights_file_in_torch_fidelity_format_gives_pool_features_and_logits(tmp_path):
+    """A local ``inception-v3-compat`` weights file (made here: the converted TorchScript weights plus
+    a seeded classifier head) loads through torch-fidelity's own extractor; its pool features equal
+    the TorchScript extractor's and its logits feed the Inception Score."""
+    from evaluation.features import extract_features
+
+    state = inception.convert_torchscript_inception(inception._load_torchscript(FIDHELPER))
+    g = torch.Generator().manual_seed(0)
+    state["fc.weight"] = torch.randn(1008, 2048, generator=g) * 0.05
+    state["fc.bias"] = torch.zeros(1008)
+    path = tmp_path / "weights-inception-local.pth"
+    torch.save(state, path)
+
+    configured = inception.resolve_feature_extractor("inception-v3-compat", path, allow_download=False)
+    assert configured.origin == "configured" and configured.has_logits
+    images = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+    ours = extract_features(configured, [images])
+    offline = extract_features(inception.resolve_feature_extractor(inception.FIDHELPER_EXTRACTOR), [images])
+    assert set(ours) == {"2048", "logits_unbiased"} and set(offline) == {"2048"}
+    np.testing.assert_allclose(ours["2048"], offline["2048"], rtol=1e-5, atol=1e-6)
+    expected_logits = ours["2048"].astype(np.float64) @ state["fc.weight"].double().numpy().T
+    np.testing.assert_allclose(ours["logits_unbiased"], expected_logits, rtol=1e-4, atol=1e-4)
+    score, _ = inception_score(ours["logits_unbiased"], splits=1)
+    assert 1.0 <= score <= 4.0  # IS lies between 1 and the number of images

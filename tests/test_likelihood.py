@@ -53,8 +53,8 @@ def test_vlb_of_the_optimal_model_matches_the_exact_nll():
     noise, and beta ~ beta-tilde at large t), and the finite T (the gap was 0.06-0.11 bits/dim at
     T=1000 over seeds while developing this and ~0.02 at T=4000). Tolerance: the mean gap must lie in
     [-4 SE, 0.2 bits/dim] (0.2 is 3% of the ~6.1 bits/dim NLL; SE ~ 0.035 from the per-example
-    spread of one noise draw per term). fixed_small is ~0.5 bits/dim looser here, which shows that the
-    check can see the reverse variance, and a missing decoder term or a nats/bits slip is off by > 1.
+    spread of one noise draw per term). For scale, measured while developing: fixed_small is ~0.5
+    bits/dim looser here, and a missing decoder term or a nats/bits slip would be off by > 1.
     """
     gm = _narrow_mixture()
     x, _ = gm.sample(1500, torch.Generator().manual_seed(1))

@@ -393,3 +393,16 @@ def test_tiny_preset_is_small_and_trains_a_batch_of_16():
     assert count_parameters(model) < 2_000_000
     x, t, _ = inputs(model, batch=16)
     model(x, t, torch.randint(0, 11, (16,))).square().mean().backward()
+
+
+def test_models_package_imports_no_distributed_storage_or_benchmark_library():
+    import subprocess
+    import sys
+
+    forbidden = ["ray", "deepspeed", "webdataset", "boto3", "diffusers"]
+    code = (
+        "import sys, pipeline.models, pipeline.models.presets; "
+        f"print([m for m in {forbidden!r} if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -61,15 +61,25 @@ def _losses(run: Path) -> dict[int, float]:
     return out
 
 
-def _assert_same_run(a: Path, b: Path) -> None:
-    assert _losses(a) == _losses(b)
+def _assert_same_run(a: Path, b: Path) -> dict[str, float]:
+    """Same logged losses, and the final checkpoints' tensors (weights, Adam moments) and EMAs
+    within 1e-6. Returns the max abs differences (0.0 = bitwise)."""
+    la, lb = _losses(a), _losses(b)
+    assert la.keys() == lb.keys()
+    loss_diff = max(abs(la[k] - lb[k]) for k in la)
+    assert loss_diff <= 1e-6, (la, lb)
     name = f"checkpoints/{TOTAL:012d}"
     diff = assert_same_checkpoint_tensors(a / name, b / name)
     assert diff <= 1e-6, diff
+    ema_diff = 0.0
     for rate in (0.9, 0.99):
         ea, _ = load_ema_weights(str(a), rate=rate)
         eb, _ = load_ema_weights(str(b), rate=rate)
-        assert max((ea[k] - eb[k]).abs().max().item() for k in ea) <= 1e-6
+        ema_diff = max(ema_diff, max((ea[k] - eb[k]).abs().max().item() for k in ea))
+    assert ema_diff <= 1e-6
+    diffs = {"loss": loss_diff, "checkpoint_tensors": diff, "ema": ema_diff}
+    print(f"max abs differences vs uninterrupted: {diffs}")
+    return diffs
 
 
 @pytest.fixture(scope="module")
@@ -83,16 +93,19 @@ def uninterrupted(ray_session, dataset, tmp_path_factory):
     return runs
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_interrupted_and_resumed_run_equals_uninterrupted(stage, uninterrupted, dataset, tmp_path):
+def test_zero3_interrupted_and_resumed_run_equals_uninterrupted(uninterrupted, dataset, tmp_path):
+    """ZeRO-3: stop at 24 images (a committed end-of-run checkpoint), resume to the end.
+    (ZeRO-2 resumes in the fault-tolerance test below, after a SIGKILL.)"""
     run = tmp_path / "run"
-    run_training(_cfg(dataset, run, f"train.zero_stage={stage}", "train.total_images=24"))
+    run_training(_cfg(dataset, run, "train.zero_stage=3", "train.total_images=24"))
     assert [c.images_seen for c in committed_checkpoints(str(run))] == [16, 24]
-    run_training(_cfg(dataset, run, f"train.zero_stage={stage}"))
-    _assert_same_run(run, uninterrupted[stage])
+    run_training(_cfg(dataset, run, "train.zero_stage=3"))
+    _assert_same_run(run, uninterrupted[3])
     manifest = committed_checkpoints(str(run))[-1].manifest
     assert manifest["world_size"] == 2 and len(manifest["ranks"]) == 2
     assert len(manifest["ema"]["files"]) == 2  # each rank stored only its own EMA slices
+    # Different data per rank: the two cursors are different readers' positions.
+    assert manifest["ranks"][0]["state"]["data"]["rank"] == 0 and manifest["ranks"][1]["state"]["data"]["rank"] == 1
 
 
 def _train_workers() -> list[psutil.Process]:
@@ -107,6 +120,8 @@ def _train_workers() -> list[psutil.Process]:
 
 
 def test_worker_killed_mid_run_is_restarted_and_ends_like_an_undisturbed_run(uninterrupted, dataset, tmp_path):
+    """ZeRO-2, 2 workers: SIGKILL one worker after the first commit; Ray's FailureConfig restarts the
+    group, which resumes from the newest committed checkpoint and ends with the undisturbed weights."""
     run = tmp_path / "run"
     cfg = _cfg(dataset, run, "train.zero_stage=2", "train.max_failures=2")
     done: dict = {}

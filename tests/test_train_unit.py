@@ -328,17 +328,20 @@ def test_non_finite_losses_stop_the_run_and_keep_the_last_good_checkpoint(refere
     assert records[-1]["skipped_steps"] >= 1
 
 
-def test_bad_resume_request_is_a_clear_error(reference_run, dataset, tmp_path):
-    run = tmp_path / "run"
-    shutil.copytree(reference_run, run)
-    proc = _train_subprocess([*TINY, f"data.url={dataset}", f"train.run_dir={run}", "train.total_images=80",
-                              "train.resume=48"])
-    assert proc.returncode != 0 and "checkpoint: 48 is not in run" in proc.stderr
+def test_bad_resume_request_is_a_clear_error(reference_run):
+    from pipeline.train.checkpoint import resolve_checkpoint
+
+    assert resolve_checkpoint(str(reference_run), 32).images_seen == 32
+    assert resolve_checkpoint(str(reference_run), "latest").images_seen == 64
+    with pytest.raises(ValueError, match="checkpoint: 48 is not in run"):
+        resolve_checkpoint(str(reference_run), 48)
+    with pytest.raises(ValueError, match="use 'latest' or images seen"):
+        resolve_checkpoint(str(reference_run), "newest")
 
 
 def test_other_objectives_train_through_the_same_engine(dataset, tmp_path):
-    """The ADM-G noisy classifier, VDM (whose learned schedule trains and is averaged with the
-    network) and the VLB with importance-sampled timesteps, a few steps each, in one process."""
+    """The ADM-G noisy classifier, VDM (a continuous-time objective that draws its own t from the
+    loop's generator) and the VLB with importance-sampled timesteps, a few steps each, in one process."""
     code = r"""
 import json, sys, torch
 torch.set_num_threads(1)
@@ -350,9 +353,9 @@ runs = {
   "classifier": ["model.preset=adm_classifier_64", "model.overrides={image_size: 8, base_channels: 8, "
                  "channel_mult: [1, 2], num_res_blocks: 1, attention_resolutions: [4], num_head_channels: 8, "
                  "norm_groups: 4, num_classes: 10}", "diffusion.objective=classifier", "data.require_labels=true"],
-  "vdm": ["diffusion.objective=vdm", "diffusion.options={hidden: 16}"],
+  "vdm": ["diffusion.objective=vdm", "diffusion.options={schedule: fixed_linear}"],
   "vlb_is": ["diffusion.objective=ddpm", "diffusion.loss=vlb", "diffusion.importance_sampling=true",
-             "diffusion.timesteps=4"],
+             "diffusion.timesteps=50", "diffusion.schedule=cosine"],
 }
 for name, extra in runs.items():
     cfg = load_config(None, [*base, f"train.run_dir={root}/{name}", *extra])
@@ -374,6 +377,40 @@ for name, extra in runs.items():
                                       if x.startswith("RESULT "))}
     assert set(results) == {"classifier", "vdm", "vlb_is"}
     assert all(r["images"] == 24 and r["finite"] for r in results.values())
-    assert results["vdm"]["objective_keys"] > 0  # the learned noise schedule is part of the EMA
     assert results["classifier"]["objective_keys"] == 0
     assert results["vlb_is"]["sampler"]  # the importance sampler's history is checkpointed
+
+
+def test_run_directory_on_s3_checkpoints_resumes_and_holds_no_secret(dataset, s3_bucket, s3_env):
+    """A run dir at s3:// (SeaweedFS): committed checkpoints, exact resume, logs, no credentials."""
+    from pipeline.data import storage
+
+    run = f"{s3_bucket}/runs/tiny"
+    common = [*TINY, f"data.url={dataset}", f"train.run_dir={run}", "train.zero_stage=2",
+              "train.checkpoint_every_images=16", "train.sample_every_images=32"]
+    _ok(_train_subprocess([*common, "train.total_images=16"]))
+    out = _ok(_train_subprocess([*common, "train.total_images=32"]))
+    assert "resumed from s3://" in out
+    assert [c.images_seen for c in committed_checkpoints(run)] == [16, 32]
+    weights, manifest = load_ema_weights(run, rate=0.99)
+    assert manifest["images_seen"] == 32 and all(torch.isfinite(v).all() for v in weights.values())
+    lines = storage.read_bytes(f"{run}/logs/metrics.jsonl").decode().splitlines()
+    assert [json.loads(x)["images_seen"] for x in lines] == [8, 16, 24, 32]
+    assert storage.exists(f"{run}/samples/000000000032.png")
+    urls = storage.list_prefix(run)
+    assert any("tfevents" in u for u in urls)
+    secret = s3_env.secret_key.encode()
+    for url in urls:
+        assert secret not in storage.read_bytes(url), url
+
+
+def test_launch_refuses_bad_input_with_exit_status_2(tmp_path):
+    script = str(ROOT / "launch" / "train.py")
+    missing = subprocess.run([sys.executable, script, f"data.url={tmp_path}/nothing"], capture_output=True,
+                             text=True, timeout=120)
+    assert missing.returncode == 2 and "holds no dataset.json" in missing.stderr
+    typo = subprocess.run([sys.executable, script, "train.zero_stag=2"], capture_output=True, text=True, timeout=120)
+    assert typo.returncode == 2 and "did you mean 'zero_stage'" in typo.stderr
+    scheme = subprocess.run([sys.executable, script, "train.run_dir=ftp://host/run"], capture_output=True,
+                            text=True, timeout=120)
+    assert scheme.returncode == 2 and "run_dir" in scheme.stderr

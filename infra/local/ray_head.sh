@@ -5,11 +5,15 @@
 set -euo pipefail
 PORT="${RAY_HEAD_PORT:-6379}"
 DASHBOARD_PORT="${RAY_DASHBOARD_PORT:-8265}"
+AGENT_PORT="${RAY_DASHBOARD_AGENT_PORT:-52365}"
 export RAY_USAGE_STATS_ENABLED=0
+# Without this Ray replaces --node-ip-address=127.0.0.1 by the machine's address; a single-node
+# head then binds every service to loopback.
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
 case "${1:-}" in
   start)
     ray start --head --node-ip-address=127.0.0.1 --port="$PORT" \
-      --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" --include-dashboard=true \
+      --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" --include-dashboard=true --dashboard-agent-listen-port="$AGENT_PORT" \
       --num-cpus="${RAY_NUM_CPUS:-$(nproc)}" --disable-usage-stats
     echo "export RAY_ADDRESS=http://127.0.0.1:${DASHBOARD_PORT}   # for ray job submit"
     ;;

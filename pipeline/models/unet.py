@@ -65,9 +65,8 @@ class EncoderConfigMixin:
         object.__setattr__(self, "channel_mult", _as_int_tuple("channel_mult", self.channel_mult))
         if not self.channel_mult:
             raise ValueError("channel_mult: () is not allowed; expected at least one level")
-        object.__setattr__(
-            self, "attention_resolutions", tuple(_as_int_tuple("attention_resolutions", self.attention_resolutions or ()))
-        )
+        attention = _as_int_tuple("attention_resolutions", self.attention_resolutions or ())
+        object.__setattr__(self, "attention_resolutions", attention)
         for name in ("image_size", "in_channels", "base_channels", "num_heads", "norm_groups"):
             _check_int(name, getattr(self, name), 1)
         _check_int("num_res_blocks", self.num_res_blocks, 1)
@@ -76,7 +75,8 @@ class EncoderConfigMixin:
             _check_bool(name, getattr(self, name))
         if self.num_head_channels is not None:
             _check_int("num_head_channels", self.num_head_channels, 1)
-        if not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool) or not 0.0 <= self.dropout < 1.0:
+        p = self.dropout
+        if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p < 1.0:
             raise ValueError(f"dropout: {self.dropout!r} is not allowed; expected a number in [0, 1)")
         factor = 2 ** (len(self.channel_mult) - 1)
         if self.image_size % factor:
@@ -300,7 +300,7 @@ class UNet(nn.Module):
             raise ValueError(f"x: expected shape (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}")
         factor = 2 ** (len(cfg.channel_mult) - 1)
         if x.shape[-1] % factor or x.shape[-2] % factor:
-            raise ValueError(f"x: height and width must be divisible by {factor} for this network, got {tuple(x.shape)}")
+            raise ValueError(f"x: height and width must be divisible by {factor} here, got {tuple(x.shape)}")
         b = x.shape[0]
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:

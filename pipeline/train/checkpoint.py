@@ -317,8 +317,9 @@ def load_checkpoint(engine, run_url: str, ckpt: Checkpoint, ema: EMA) -> dict[st
     tmp = None
     if run.is_s3:
         tmp = Path(tempfile.mkdtemp(prefix="ckpt-load-"))
-        for rel, meta in manifest["files"].items():
-            if rel.startswith(DS_TAG + "/") and (meta["rank"] in (0, rank)):
+        # DeepSpeed reads rank 0's model states and (ZeRO 1-2) every rank's optimizer shard list.
+        for rel in manifest["files"]:
+            if rel.startswith(DS_TAG + "/"):
                 run.get_file(f"{ckpt.rel}/{rel}", tmp / rel)
         load_dir = tmp
     else:

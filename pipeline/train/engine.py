@@ -107,8 +107,11 @@ def build_engine(model: torch.nn.Module, train: TrainConfig, world_size: int):
     DeepSpeed starts a world of one on its own). Returns the engine.
     """
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    import logging
+
     import deepspeed
 
+    deepspeed.utils.logger.setLevel(logging.WARNING)  # its INFO level prints the whole config per rank
     disable_cpu_shm_comm_op()
     if not torch.distributed.is_initialized():
         # A single process outside Ray: a world of one on gloo (loopback rendezvous).
@@ -119,6 +122,11 @@ def build_engine(model: torch.nn.Module, train: TrainConfig, world_size: int):
         os.environ.setdefault("WORLD_SIZE", "1")
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
                                    timeout=_timedelta(train.collective_timeout_s))
+    scalars = [name for name, p in model.named_parameters() if p.dim() == 0]
+    if scalars:
+        # DeepSpeed broadcasts parameters as byte views, which a 0-dim tensor cannot give.
+        raise ValueError(f"parameters {scalars} are 0-dimensional; DeepSpeed cannot broadcast them. "
+                         "Store them with shape (1,) in the module that defines them")
     optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, betas=tuple(train.adam_betas),
                                   weight_decay=train.weight_decay, eps=1e-8)
     warmup_steps = math.ceil(train.warmup_images / global_batch(train, world_size))

@@ -105,6 +105,8 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
     tc = cfg.train
     rank, world = dist.rank(), dist.world_size()
     device = _device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # DeepSpeed and nccl collectives use the current device
     run = RunDir(tc.run_dir)
     main = rank == 0
     if main:
@@ -122,7 +124,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
     reader = build_reader(cfg, rank, world)
     gbatch = global_batch(tc, world)
 
-    images_seen, step, consecutive_bad, skipped_total = 0, 0, 0, 0
+    images_seen, step, consecutive_bad, skipped_total, overflow_total = 0, 0, 0, 0, 0
     ckpt = _resume_target(cfg)
     if ckpt is not None:
         if ckpt.manifest.get("model_hash") not in (None, model_hash(cfg)):
@@ -135,6 +137,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
         reader.load_state_dict(state["rank_state"]["data"])
         shared = state["shared_state"]
         skipped_total = int(shared.get("skipped_steps", 0))
+        overflow_total = int(shared.get("overflow_steps", 0))
         if sampler is not None and shared.get("importance_sampler") is not None:
             sampler.load_state_dict(shared["importance_sampler"])
         if main:
@@ -151,7 +154,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
     batches = iter(reader)
 
     def checkpoint() -> None:
-        shared = {"skipped_steps": skipped_total,
+        shared = {"skipped_steps": skipped_total, "overflow_steps": overflow_total,
                   "importance_sampler": sampler.state_dict() if sampler is not None else None}
         save_checkpoint(engine, tc.run_dir, images_seen=images_seen, step=step, ema=ema,
                         rank_state={"data": reader.state_dict()}, shared_state=shared,
@@ -181,9 +184,13 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
                 bad_step = True
                 if tc.grad_accum == 1:
                     break  # nothing accumulated yet: skip backward and the optimizer step
-            # With accumulation the bad micro-batch's gradients are non-finite, and DeepSpeed's
-            # overflow check skips the optimizer step for every rank.
+            # With accumulation the bad micro-batch's gradients are non-finite: ZeRO 1-3 and fp16
+            # detect the overflow and skip the optimizer step on every rank; without ZeRO the
+            # gradients are dropped here, and AdamW skips parameters that have none.
             engine.backward(loss)
+            if bad_step and micro == tc.grad_accum - 1 and tc.zero_stage == 0 and tc.precision != "fp16":
+                for p in engine.module.parameters():
+                    p.grad = None
             engine.step()
             if all_finite:
                 acc.add(losses.detach(), quartile_of(t, num_t) if t is not None else None)
@@ -191,13 +198,17 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
                     _update_sampler(sampler, t, losses.detach())
         images_seen += gbatch
         step += 1
-        applied = (not bad_step) and _step_applied(engine)
-        if applied:
+        if bad_step:
+            skipped_total += 1
+            consecutive_bad += 1
+        elif _step_applied(engine):
             ema.update()
             consecutive_bad = 0
         else:
-            skipped_total += 1
-            consecutive_bad += 1
+            # Finite loss, overflowing fp16 gradients: DeepSpeed skipped the step and lowered the
+            # loss scale. Counted apart; a streak of these is the loss scaler's normal search.
+            overflow_total += 1
+        if bad_step:
             if consecutive_bad > tc.max_consecutive_nonfinite:
                 logger.close()
                 progress.close()
@@ -213,7 +224,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
             scalars = acc.reduce_and_reset()
             scalars.update(lr=engine.get_lr()[0], grad_norm=_grad_norm(engine), loss_scale=_loss_scale(engine),
                            images_per_s=(images_seen - last_log_images) / max(now - last_log_time, 1e-9),
-                           skipped_steps=skipped_total, step=step)
+                           skipped_steps=skipped_total, overflow_steps=overflow_total, step=step)
             logger.log(images_seen, scalars)
             last_log_time, last_log_images = now, images_seen
         if tc.sample_every_images and images_seen // tc.sample_every_images > \
@@ -229,6 +240,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
     progress.close()
     logger.close()
     return {"images_seen": images_seen, "step": step, "skipped_steps": skipped_total,
+            "overflow_steps": overflow_total,
             "run_dir": tc.run_dir}
 
 

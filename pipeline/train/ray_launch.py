@@ -21,7 +21,7 @@ from typing import Any
 
 from pipeline.config import ExperimentConfig
 
-__all__ = ["absolute_paths", "init_ray", "run_training", "worker_env"]
+__all__ = ["absolute_paths", "check_launch", "init_ray", "run_training", "worker_env"]
 
 # Environment every worker needs: the CPU accelerator for DeepSpeed when there is no GPU, a
 # persistent torch-extensions cache, no usage reporting.
@@ -103,6 +103,18 @@ def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
 
     return cfg.model_copy(update={"data": cfg.data.model_copy(update={"url": fix(cfg.data.url)}),
                                   "train": cfg.train.model_copy(update={"run_dir": fix(cfg.train.run_dir)})})
+
+
+def check_launch(cfg: ExperimentConfig) -> None:
+    """Fail before Ray starts on what is certainly wrong: the run dir's scheme, local data without
+    a prepared manifest."""
+    from pipeline.train.rundir import RunDir
+
+    RunDir(cfg.train.run_dir)
+    url = cfg.data.url
+    if "://" not in url and not (Path(url).expanduser() / "dataset.json").is_file():
+        raise ValueError(f"data.url: {url!r} holds no dataset.json; prepare the data first, e.g. "
+                         f"python launch/prepare_data.py --source builtin:shapes10 --out {url}")
 
 
 def run_training(cfg: ExperimentConfig, address: str | None = None, dashboard: bool = False) -> dict[str, Any]:
