@@ -15,6 +15,12 @@ Losses (losses.py): training_losses(..., loss_type='simple'|'hybrid'|'vlb') -> L
 Samplers (samplers.py): ddpm_sample, ddim_sample(eta), ddim_invert, ddpm_step, ddim_step, slerp,
     noise_from_seeds (per-sample counter-based noise).
 Likelihood (likelihood.py): vlb_bits_per_dim -> VLBOutput(total, prior, terms), prior_bpd.
+Continuous time and guidance (sde.py, ncsn.py, vdm.py, guidance.py, inpainting.py, fast_samplers.py):
+    VPSDE, SubVPSDE, VESDE, make_sde, dsm_loss, pc_sample, ode_sample, ode_likelihood, bits_per_dim,
+    uniform_dequantize, make_continuous_objective; NCSN: ncsn_sigmas, NCSNObjective,
+    annealed_langevin_sample; VDM: MonotoneGamma, VDMObjective, vdm_sample; guidance:
+    classifier_cond_fn, classifier_free_guidance, drop_labels; inpaint_sample; EDM Heun and
+    DPM-Solver++: edm_heun_sample, dpm_solver_pp_2m_sample, karras_sigmas.
 Oracle (oracle.py): GaussianMixture with closed-form score, denoiser, classifier and density.
 
 The model callable is `model(x, t, y=None, **cond) -> Tensor` (2C channels for learned_range).
@@ -46,6 +52,42 @@ from .losses import (
 )
 from .oracle import GaussianMixture
 from .samplers import ddim_invert, ddim_sample, ddim_step, ddpm_sample, ddpm_step, noise_from_seeds, slerp
+from .fast_samplers import (
+    denoiser_from_discrete,
+    denoiser_from_score_fn,
+    denoiser_from_sigma_score,
+    dpm_solver_pp_2m_sample,
+    edm_heun_sample,
+    karras_sigmas,
+    round_sigmas,
+)
+from .guidance import (
+    classifier_cond_fn,
+    classifier_free_guidance,
+    classifier_guided_score_fn,
+    drop_labels,
+    oracle_classifier,
+)
+from .inpainting import inpaint_sample
+from .ncsn import NCSNObjective, annealed_langevin_sample, ncsn_sigmas
+from .sde import (
+    SDEObjective,
+    SubVPSDE,
+    VESDE,
+    VPSDE,
+    bits_per_dim,
+    dsm_loss,
+    make_continuous_objective,
+    make_noise_fn,
+    make_sde,
+    ode_likelihood,
+    ode_sample,
+    pc_sample,
+    prediction_to_x0_eps,
+    score_fn_from_model,
+    uniform_dequantize,
+)
+from .vdm import MonotoneGamma, VDMObjective, VDMOutput, vdm_sample
 from .schedules import (
     SCHEDULE_NAMES,
     Schedule,
@@ -63,13 +105,26 @@ __all__ = [
     "PARAMETERIZATIONS",
     "SCHEDULE_NAMES",
     "VARIANCES",
+    "VESDE",
+    "VPSDE",
     "GaussianMixture",
     "ImportanceSampler",
     "LossOutput",
+    "MonotoneGamma",
+    "NCSNObjective",
     "PMeanVariance",
+    "SDEObjective",
     "Schedule",
+    "SubVPSDE",
+    "VDMObjective",
+    "VDMOutput",
     "VLBOutput",
+    "annealed_langevin_sample",
+    "bits_per_dim",
     "build_schedule",
+    "classifier_cond_fn",
+    "classifier_free_guidance",
+    "classifier_guided_score_fn",
     "cosine_alpha_bar",
     "cosine_betas",
     "ddim_invert",
@@ -77,24 +132,46 @@ __all__ = [
     "ddim_step",
     "ddpm_sample",
     "ddpm_step",
+    "denoiser_from_discrete",
+    "denoiser_from_score_fn",
+    "denoiser_from_sigma_score",
     "discretized_gaussian_log_likelihood",
+    "dpm_solver_pp_2m_sample",
+    "drop_labels",
+    "dsm_loss",
+    "edm_heun_sample",
+    "inpaint_sample",
+    "karras_sigmas",
     "linear_betas",
+    "make_continuous_objective",
+    "make_noise_fn",
     "make_schedule",
+    "make_sde",
     "model_log_variance",
+    "ncsn_sigmas",
     "noise_from_seeds",
     "normal_kl",
+    "ode_likelihood",
+    "ode_sample",
+    "oracle_classifier",
     "oracle_model",
     "output_from_x0_eps",
     "p_mean_variance",
     "p_mean_variance_from_output",
+    "pc_sample",
+    "prediction_to_x0_eps",
     "prior_bpd",
     "q_mean_variance",
     "q_posterior_mean_variance",
     "q_sample",
     "respace",
+    "round_sigmas",
+    "score_fn_from_model",
     "slerp",
     "space_timesteps",
     "training_losses",
+    "uniform_dequantize",
+    "vdm_sample",
     "vlb_bits_per_dim",
     "vlb_term_bpd",
     "x0_eps_from_output",
