@@ -12,7 +12,7 @@ export DS_BUILD_OPS ?= 0
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test bench lint clean
 
 venv: $(STAMP)
 
@@ -27,6 +27,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+lint: $(STAMP)
+	$(PY) -m ruff check --select F pipeline evaluation launch tests benchmarks
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run_all

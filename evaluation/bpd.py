@@ -53,7 +53,8 @@ class CheckpointModel:
         check_discrete(self.diffusion)
 
     def __call__(self) -> tuple[torch.nn.Module, dict[str, Any]]:
-        return load_ema_model(self.run_url, self.checkpoint, self.ema_rate, self.model), self.diffusion
+        device = "cuda" if torch.cuda.is_available() else "cpu"  # a worker sees a GPU only when given one
+        return load_ema_model(self.run_url, self.checkpoint, self.ema_rate, self.model).to(device), self.diffusion
 
 
 def _shard_bpd(state, item: tuple[int, ShardItem], eval_seed: int, batch_size: int) -> np.ndarray:
@@ -66,17 +67,18 @@ def _shard_bpd(state, item: tuple[int, ShardItem], eval_seed: int, batch_size: i
     if int(getattr(model.config, "num_classes", 0) or 0) and labels is None:
         raise ValueError(f"{shard_item.url}: the model is class-conditional but the shard has no 'cls' labels")
     schedule = build_schedule(diffusion["schedule"], diffusion["timesteps"])
-    x0_all = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    device = next(model.parameters()).device
+    x0_all = torch.from_numpy(images).permute(0, 3, 1, 2).float().to(device) / 127.5 - 1
     totals = []
     for lo in range(0, len(images), batch_size):
         x0 = x0_all[lo : lo + batch_size]
         seeds = [bpd_seed(eval_seed, shard, j) for j in range(lo, lo + len(x0))]
         y = None
         if labels is not None and getattr(model.config, "num_classes", 0):
-            y = torch.from_numpy(labels[lo : lo + batch_size])
+            y = torch.from_numpy(labels[lo : lo + batch_size]).to(device)
         out = vlb_bits_per_dim(model, schedule, x0, seeds=seeds, y=y, parameterization=diffusion["parameterization"],
                                variance=diffusion["variance"])
-        totals.append(out.total.double().numpy())
+        totals.append(out.total.double().cpu().numpy())
     return np.concatenate(totals)
 
 
@@ -88,6 +90,7 @@ def bits_per_dim(
     batch_size: int = 64,
     num_workers: int = 1,
     cpus_per_worker: float = 1.0,
+    gpus_per_worker: float = 0.0,
     timeout_s: float = 3600.0,
     progress: bool = True,
     ray_address: str | None = None,
@@ -98,7 +101,7 @@ def bits_per_dim(
     task = functools.partial(_shard_bpd, eval_seed=eval_seed, batch_size=batch_size)
     per_shard: dict[int, np.ndarray] = {}
     for item, totals in run_on_pool(builder, task, items, num_workers=num_workers, cpus_per_worker=cpus_per_worker,
-                                    timeout_s=timeout_s, progress="bits/dim" if progress else None,
+                                    gpus_per_worker=gpus_per_worker, timeout_s=timeout_s, progress="bits/dim" if progress else None,
                                     units=lambda it: it[1].limit or 1, ray_address=ray_address):
         per_shard[item[0]] = totals
     values = np.concatenate([per_shard[k] for k in sorted(per_shard)])[:max_images]

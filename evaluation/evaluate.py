@@ -100,7 +100,8 @@ def _generated_features(out_url: str, cfg: EvalConfig, source: ExtractorSource, 
     shards = plan_shards(cfg.num_samples, cfg.samples_per_shard)
     feats = features_of_shards(
         source, [ShardItem(storage.join(out_url, shard_name(s.index)), s.count) for s in shards],
-        num_workers=cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker, batch_size=cfg.batch_size,
+        num_workers=cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker, gpus_per_worker=cfg.gpus_per_worker,
+        batch_size=cfg.batch_size,
         timeout_s=cfg.worker_timeout_s, progress="sample features" if progress else None, ray_address=ray_address,
     )
     buffer = io.BytesIO()
@@ -169,8 +170,8 @@ def evaluate_checkpoint(
             reference = reference_features(
                 reference_url, source, ev.reference_cache, ev.reference_max_images,
                 resolution=_model_resolution(cfg) if sample_fn_builder is None else None, num_workers=ev.num_workers,
-                cpus_per_worker=ev.cpus_per_worker, batch_size=ev.batch_size, timeout_s=ev.worker_timeout_s,
-                progress=progress, ray_address=ray_address,
+                cpus_per_worker=ev.cpus_per_worker, gpus_per_worker=ev.gpus_per_worker, batch_size=ev.batch_size,
+                timeout_s=ev.worker_timeout_s, progress=progress, ray_address=ray_address,
             )
         timings["reference_s"] = time.perf_counter() - start
         start = time.perf_counter()
@@ -188,7 +189,7 @@ def evaluate_checkpoint(
         metrics.update(bits_per_dim(
             CheckpointModel(run_url, ckpt.images_seen, ema_rate, model, diffusion), ev.bpd_url or cfg.data.url,
             max_images=ev.bpd_max_images, eval_seed=ev.seed, batch_size=ev.batch_size, num_workers=ev.num_workers,
-            cpus_per_worker=ev.cpus_per_worker, timeout_s=ev.worker_timeout_s, progress=progress,
+            cpus_per_worker=ev.cpus_per_worker, gpus_per_worker=ev.gpus_per_worker, timeout_s=ev.worker_timeout_s, progress=progress,
             ray_address=ray_address,
         ))
         timings["bpd_s"] = time.perf_counter() - start

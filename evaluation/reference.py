@@ -107,15 +107,21 @@ def decode_labelled_tar(data: bytes, limit: int | None = None) -> tuple[np.ndarr
     return np.stack([images[k] for k in keys]), label_array
 
 
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"  # a worker sees a GPU only when given one
+
+
 def _shard_features(source: ExtractorSource, item: ShardItem, batch_size: int) -> dict[str, np.ndarray]:
     images, _ = read_shard_images(item)
     if len(images) == 0:
         return {}
-    return extract_features(source, [images], batch_size=batch_size)
+    return extract_features(source, [images], batch_size=batch_size, device=_device())
 
 
 def _extractor_setup(source: ExtractorSource) -> ExtractorSource:
-    get_extractor(source)  # load the weights once per worker
+    get_extractor(source, _device())  # load the weights once per worker
     return source
 
 
@@ -124,6 +130,7 @@ def features_of_shards(
     items: Sequence[ShardItem],
     num_workers: int = 1,
     cpus_per_worker: float = 1.0,
+    gpus_per_worker: float = 0.0,
     batch_size: int = 64,
     timeout_s: float = 3600.0,
     progress: str | None = None,
@@ -135,7 +142,8 @@ def features_of_shards(
     results: dict[int, dict[str, np.ndarray]] = {}
     for item, feats in run_on_pool(
         functools.partial(_extractor_setup, source), functools.partial(_shard_features, batch_size=batch_size),
-        items, num_workers=num_workers, cpus_per_worker=cpus_per_worker, timeout_s=timeout_s, progress=progress,
+        items, num_workers=num_workers, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
+        timeout_s=timeout_s, progress=progress,
         units=lambda it: it.limit or 1, ray_address=ray_address,
     ):
         results[order[item]] = feats
@@ -181,6 +189,7 @@ def reference_features(
     resolution: int | None = None,
     num_workers: int = 1,
     cpus_per_worker: float = 1.0,
+    gpus_per_worker: float = 0.0,
     batch_size: int = 64,
     timeout_s: float = 3600.0,
     progress: bool = True,
@@ -202,7 +211,7 @@ def reference_features(
         return ReferenceFeatures(feats, stats, manifest_sha, cache, True, resolution)
     items = [dataclasses.replace(it, resolution=resolution) for it in leading_shards(shards, max_images)]
     feats = features_of_shards(source, items, num_workers=num_workers, cpus_per_worker=cpus_per_worker,
-                               batch_size=batch_size, timeout_s=timeout_s,
+                               gpus_per_worker=gpus_per_worker, batch_size=batch_size, timeout_s=timeout_s,
                                progress="reference features" if progress else None, ray_address=ray_address)
     pool = feats[POOL][:max_images] if max_images else feats[POOL]
     stats = feature_statistics(pool)

@@ -18,14 +18,6 @@ from pipeline.diffusion import (
 from pipeline.diffusion.gaussian import extract
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one intra-op thread is several times faster on a shared 2-core machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def _batch(schedule, n=64, seed=0):
     g = torch.Generator().manual_seed(seed)

@@ -33,14 +33,6 @@ SCHEDULE = build_schedule("linear", 1000)
 N = 1500
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small-tensor loops run ~10x faster single-threaded on a loaded machine (no OpenMP spinning)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def component(k: int) -> GaussianMixture:
     return GaussianMixture(torch.ones(1), GM.means[k : k + 1], GM.covs[k : k + 1])

@@ -16,14 +16,6 @@ from pipeline.diffusion import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one intra-op thread is several times faster on a shared 2-core machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def _narrow_mixture() -> GaussianMixture:
     """Components with sd 0.06-0.1 (>> the 2/255 = 0.0078 bin width) and no mass within 4 sd of the edges of [-1, 1]."""

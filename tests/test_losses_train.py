@@ -19,14 +19,6 @@ from pipeline.diffusion import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one intra-op thread is several times faster on a shared 2-core machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def test_loss_types_combine_mse_and_vlb_per_example():
     gm = GaussianMixture.example_2d()

@@ -30,16 +30,6 @@ CLASSIFIER_PRESETS = sorted(n for n, c in PRESETS.items() if isinstance(c, Class
 B = 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These networks are tiny: on a shared machine one intra-op thread is many times faster
-    # than several threads that wait for each other.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def small_overrides(preset: str) -> dict:
     """The preset's structure (levels, blocks, attention placement, AdaGN, up/down blocks,
     conditioning) at reduced width and 32x32."""

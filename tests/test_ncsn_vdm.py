@@ -29,14 +29,6 @@ GM = GaussianMixture.example_2d()
 N = 2000
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small-tensor loops run ~10x faster single-threaded on a loaded machine (no OpenMP spinning)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def assert_matches(mixture, x, seed, log_prob_allowance=0.05):
     """Every GaussianMixture.sample_discrepancy statistic within 5 standard errors (+ allowance for log p)."""

@@ -30,14 +30,6 @@ from pipeline.diffusion import (
 N = 3000
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one intra-op thread is several times faster on a shared 2-core machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def assert_reproduces_mixture(x: torch.Tensor, gm: GaussianMixture, n_se: float = 5.0) -> None:
     n = x.shape[0]

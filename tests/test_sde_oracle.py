@@ -45,14 +45,6 @@ from pipeline.diffusion.sde import (
 N = 2000
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small-tensor loops run ~10x faster single-threaded on a loaded machine (no OpenMP spinning)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 GM = GaussianMixture.example_2d()
 SDES = {"vp": VPSDE(), "subvp": SubVPSDE(), "ve": VESDE(0.01, 3.0)}
 
