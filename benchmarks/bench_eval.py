@@ -66,7 +66,7 @@ def main() -> None:
 
     cfg = load_config(ROOT / "configs" / "quickstart.yaml")
     builder = quickstart_sampler(cfg.model.model_dump(mode="json"), cfg.diffusion.model_dump(mode="json"), args.steps)
-    ensure_ray(num_cpus=2)
+    ensure_ray()
     tmp = Path(tempfile.mkdtemp(prefix="bench-eval-"))
     common = dict(batch_size=args.batch_size, samples_per_shard=args.batch_size, progress=False)
     try:

@@ -26,9 +26,9 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / ".cache/torch_extensions"))
 
-import torch  # noqa: E402
+import torch
 
-from pipeline.config import load_config  # noqa: E402
+from pipeline.config import load_config
 
 
 def bare_loop(cfg, steps: int, warmup: int = 3) -> float:

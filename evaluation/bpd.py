@@ -101,7 +101,8 @@ def bits_per_dim(
     task = functools.partial(_shard_bpd, eval_seed=eval_seed, batch_size=batch_size)
     per_shard: dict[int, np.ndarray] = {}
     for item, totals in run_on_pool(builder, task, items, num_workers=num_workers, cpus_per_worker=cpus_per_worker,
-                                    gpus_per_worker=gpus_per_worker, timeout_s=timeout_s, progress="bits/dim" if progress else None,
+                                    gpus_per_worker=gpus_per_worker, timeout_s=timeout_s,
+                                    progress="bits/dim" if progress else None,
                                     units=lambda it: it[1].limit or 1, ray_address=ray_address):
         per_shard[item[0]] = totals
     values = np.concatenate([per_shard[k] for k in sorted(per_shard)])[:max_images]

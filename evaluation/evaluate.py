@@ -189,7 +189,8 @@ def evaluate_checkpoint(
         metrics.update(bits_per_dim(
             CheckpointModel(run_url, ckpt.images_seen, ema_rate, model, diffusion), ev.bpd_url or cfg.data.url,
             max_images=ev.bpd_max_images, eval_seed=ev.seed, batch_size=ev.batch_size, num_workers=ev.num_workers,
-            cpus_per_worker=ev.cpus_per_worker, gpus_per_worker=ev.gpus_per_worker, timeout_s=ev.worker_timeout_s, progress=progress,
+            cpus_per_worker=ev.cpus_per_worker, gpus_per_worker=ev.gpus_per_worker, timeout_s=ev.worker_timeout_s,
+            progress=progress,
             ray_address=ray_address,
         ))
         timings["bpd_s"] = time.perf_counter() - start

@@ -107,13 +107,14 @@ def make_sample_fn(
     return sample_fn
 
 
-def load_ema_model(run_url: str, checkpoint: int | str, ema_rate: float | None, model: dict[str, Any]) -> torch.nn.Module:
+def load_ema_model(
+    run_url: str, checkpoint: int | str, ema_rate: float | None, model: dict[str, Any]
+) -> torch.nn.Module:
     """The network of ``model`` (a ModelConfig dict) with one EMA of a committed checkpoint, in eval mode."""
     from pipeline.config import ModelConfig
+    from pipeline.export import network_state_dict
     from pipeline.models import build_model_from_config
     from pipeline.train.checkpoint import load_ema_weights
-
-    from pipeline.export import network_state_dict
 
     weights, _ = load_ema_weights(run_url, checkpoint, ema_rate)
     torch.manual_seed(0)  # building initialises weights that are then replaced; keep it deterministic

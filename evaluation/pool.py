@@ -7,9 +7,8 @@ extractor) once per distinct ``setup`` and keeps the two most recent; ``task(sta
 runs the items it is handed. Results come back in completion order with their item. Every wait
 on a worker has a timeout; after any failure the workers are discarded.
 
-Ray starts in-process when nothing is running (``RAY_ADDRESS`` or ``ray_address`` attach to a
-cluster instead), without the dashboard, and asks for the loopback address (Ray itself swaps a
-loopback node address for the machine's address; on a cluster the cluster's network applies).
+Ray starts in-process when nothing is running, as training starts it (loopback only, no
+dashboard); ``RAY_ADDRESS`` or ``ray_address`` attach to a cluster instead.
 """
 
 from __future__ import annotations
@@ -34,16 +33,19 @@ R = TypeVar("R")
 _STATES_KEPT = 2
 
 
-def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Connect to ``address`` / ``RAY_ADDRESS``, or start a local Ray once per process."""
+def ensure_ray(address: str | None = None) -> None:
+    """Connect to ``address`` / ``RAY_ADDRESS``, or start a local Ray once per process.
+
+    The same start-up as training (``pipeline.train.ray_launch.init_ray``): loopback only, no
+    dashboard, the worker environment (DeepSpeed/AWS variables) propagated.
+    """
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=False)
-        return
-    ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    from pipeline.config import ExperimentConfig
+    from pipeline.train.ray_launch import init_ray
+
+    init_ray(ExperimentConfig(), address=address)
 
 
 @ray.remote

@@ -81,7 +81,8 @@ def plot_metrics(rows: list[dict[str, str]], url: str) -> None:
     fig, axes = plt.subplots(1, len(present), figsize=(4 * len(present), 3.2), squeeze=False)
     for ax, metric in zip(axes[0], present):
         for name in sorted({r["name"] for r in rows}):
-            points = sorted((int(r["images_seen"]), float(r[metric])) for r in rows if r["name"] == name and r.get(metric))
+            points = sorted((int(r["images_seen"]), float(r[metric]))
+                            for r in rows if r["name"] == name and r.get(metric))
             if points:
                 xs, ys = zip(*points)
                 ax.plot(xs, ys, marker="o", label=name)

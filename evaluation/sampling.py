@@ -240,7 +240,8 @@ def write_openai_npz(out_url: str, num_samples: int, samples_per_shard: int, nam
     """
     images, labels = [], []
     for shard in plan_shards(num_samples, samples_per_shard):
-        _, shard_images, shard_labels = read_sample_shard(storage.read_bytes(storage.join(out_url, shard_name(shard.index))))
+        data = storage.read_bytes(storage.join(out_url, shard_name(shard.index)))
+        _, shard_images, shard_labels = read_sample_shard(data)
         images.append(shard_images if shard_images.shape[-1] == 3 else np.repeat(shard_images, 3, axis=-1))
         if shard_labels is not None:
             labels.append(shard_labels)

@@ -34,6 +34,7 @@ import torch
 from pipeline.config import DiffusionConfig
 
 __all__ = [
+    "UNET_WEIGHTS",
     "UnsupportedArchitectureError",
     "build_diffusers_unet",
     "check_mappable",
@@ -43,6 +44,7 @@ __all__ = [
     "write_diffusers",
 ]
 
+UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"  # where save_pretrained puts the UNet's weights
 _PREDICTION = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
 _VARIANCE = {"fixed_small": "fixed_small", "fixed_large": "fixed_large", "learned_range": "learned_range"}
 _GN_EPS = 1e-5  # torch.nn.GroupNorm's default, which our GroupNorm32 keeps
@@ -283,3 +285,5 @@ def write_diffusers(folder: str | Path, state: dict[str, torch.Tensor], cfg, dif
     unet = build_diffusers_unet(state, cfg)
     scheduler = diffusers.DDPMScheduler(**scheduler_config(diffusion))
     diffusers.DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(str(folder), safe_serialization=True)
+    if not (Path(folder) / UNET_WEIGHTS).is_file():
+        raise RuntimeError(f"diffusers {diffusers.__version__} did not write {UNET_WEIGHTS}")

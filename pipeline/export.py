@@ -11,8 +11,8 @@ and writes, atomically:
     ``README.md``          model card: training provenance, the run's latest evaluation metrics
                            with theirs, how to load and sample, the exact command that made it
 ``diffusers``
-    ``model_index.json``, ``unet/``, ``scheduler/`` (``DDPMPipeline.from_pretrained``) and ``README.md``;
-    see :mod:`pipeline.diffusers_export`.
+    ``model_index.json``, ``unet/``, ``scheduler/`` (``DDPMPipeline.from_pretrained``), ``README.md``
+    and ``export.json`` (what config.json would hold); see :mod:`pipeline.diffusers_export`.
 
 Nothing is pickled and nothing here imports DeepSpeed or Ray. The folder loads with
 :func:`pipeline.pretrained.load_pretrained`.
@@ -60,6 +60,7 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("native", "diffusers")
 CARD_FILE = "README.md"
+EXPORT_RECORD = "export.json"  # the config.json record, in a diffusers folder
 # The training module (pipeline.train.objective.TrainModule) holds the network as ``net``.
 _NET_PREFIX = "net."
 
@@ -142,7 +143,7 @@ def gather_export(run_url: str, checkpoint: str | int = "latest", ema_rate: floa
                          f"it holds {rates}")
     run = RunDir(run_url)
     _verify_ema_files(run, ckpt)
-    weights, manifest = load_ema_weights(run_url, ckpt.images_seen, ema_rate)
+    weights, _manifest = load_ema_weights(run_url, ckpt.images_seen, ema_rate)
     rate = float(ema_rate) if ema_rate is not None else rates[0]
     state = {k: v.contiguous() for k, v in network_state_dict(weights).items()}
     with torch.device("meta"):  # only the structure is needed: no initialisation, no RNG use
@@ -163,7 +164,7 @@ def class_names(cfg: ExperimentConfig, num_classes: int) -> tuple[str, ...] | No
         from pipeline.data.shards import read_manifest
 
         classes = tuple(read_manifest(cfg.data.url).classes)
-    except Exception as exc:  # the data may have moved or need credentials; the export does not depend on it
+    except Exception as exc:  # noqa: BLE001 - data moved, no credentials, ...: names are optional
         log.warning("class names: dataset manifest at %s is not readable (%s); exporting without names",
                     cfg.data.url, exc)
         return None
@@ -221,7 +222,7 @@ def _metric_summary(record: dict[str, Any]) -> dict[str, Any]:
         "num_samples": record.get("num_samples"),
         "eval_seed": (record.get("seeds") or {}).get("eval_seed"),
         "feature_extractor": extractor.get("feature_extractor"),
-        "feature_weights_sha256": extractor.get("weights_sha256") or extractor.get("sha256"),
+        "feature_weights_sha256": extractor.get("weights_sha256"),
         "reference": record.get("reference"),
         "created_utc": record.get("created_utc"),
         "url": record.get("_url"),
@@ -244,7 +245,7 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def export_document(src: ExportSource, weights_sha256: str, weights_bytes: int, command: str,
+def export_document(src: ExportSource, weights_file: str, weights_sha256: str, weights_bytes: int, command: str,
                     metrics: list[dict], metrics_note: str) -> dict[str, Any]:
     """What ``config.json`` holds (native format)."""
     cfg, ck = src.config, src.checkpoint
@@ -276,7 +277,7 @@ def export_document(src: ExportSource, weights_sha256: str, weights_bytes: int, 
             "precision": cfg.train.precision,
             "dataset": cfg.data.url,
         },
-        "weights": {"file": WEIGHTS_FILE, "sha256": weights_sha256, "bytes": weights_bytes, "dtype": "float32",
+        "weights": {"file": weights_file, "sha256": weights_sha256, "bytes": weights_bytes, "dtype": "float32",
                     "num_parameters": int(sum(t.numel() for t in src.state.values()))},
         "metrics": {"note": metrics_note, "evaluations": [_metric_summary(r) for r in metrics]},
         "command": command,
@@ -298,24 +299,24 @@ def model_card(doc: dict[str, Any], fmt: str = "native") -> str:
     lines = [
         f"# {Path(src['run']).name or 'diffusion model'}: EMA {doc['ema_rate']:g} at {doc['images_seen']:,} images",
         "",
-        f"A {doc['resolution']}x{doc['resolution']} pixel-space diffusion model "
-        f"({'class-conditional, ' + str(doc['num_classes']) + ' classes' if doc['num_classes'] else 'unconditional'}), "
-        f"exported from a training checkpoint of this project's pipeline "
-        f"({'native format: model.safetensors + config.json' if fmt == 'native' else 'diffusers format'}).",
+        (f"A {doc['resolution']}x{doc['resolution']} pixel-space diffusion model "
+         f"({'class-conditional, ' + str(doc['num_classes']) + ' classes' if doc['num_classes'] else 'unconditional'}), "
+         f"exported from a training checkpoint of this project's pipeline "
+         f"({'native format: model.safetensors + config.json' if fmt == 'native' else 'diffusers format'})."),
         "",
         "## Model",
         "",
         "| field | value |",
         "|---|---|",
-        f"| network | {model.get('architecture')} (preset `{doc['model_preset'].get('preset')}`), "
-        f"{doc['weights']['num_parameters']:,} parameters, fp32 |",
-        f"| channels | base {model.get('base_channels')}, multipliers {model.get('channel_mult')}, "
-        f"{model.get('num_res_blocks')} residual blocks per level, attention at {model.get('attention_resolutions')} |",
-        f"| diffusion | objective `{diff['objective']}`, `{diff['schedule']}` schedule, T = {diff['timesteps']}, "
-        f"predicts `{diff['parameterization']}`, variance `{diff['variance']}` |",
+        (f"| network | {model.get('architecture')} (preset `{doc['model_preset'].get('preset')}`), "
+         f"{doc['weights']['num_parameters']:,} parameters, fp32 |"),
+        (f"| channels | base {model.get('base_channels')}, multipliers {model.get('channel_mult')}, "
+         f"{model.get('num_res_blocks')} residual blocks per level, attention at {model.get('attention_resolutions')} |"),
+        (f"| diffusion | objective `{diff['objective']}`, `{diff['schedule']}` schedule, T = {diff['timesteps']}, "
+         f"predicts `{diff['parameterization']}`, variance `{diff['variance']}` |"),
         f"| classes | {', '.join(names) if names else ('unavailable' if doc['num_classes'] else 'none')} |",
-        f"| null class (guidance) | {doc['num_classes'] if doc['num_classes'] else 'n/a'} "
-        f"(trained with label dropout {diff.get('label_dropout', 0)}) |",
+        (f"| null class (guidance) | {doc['num_classes'] if doc['num_classes'] else 'n/a'} "
+         f"(trained with label dropout {diff.get('label_dropout', 0)}) |"),
         "",
         "## Provenance",
         "",
@@ -324,8 +325,8 @@ def model_card(doc: dict[str, Any], fmt: str = "native") -> str:
         f"| run | `{src['run']}` |",
         f"| checkpoint | `{src['checkpoint']}` |",
         f"| images seen | {doc['images_seen']:,} (step {doc.get('step')}) |",
-        f"| EMA rate | {doc['ema_rate']:g} ({src.get('ema_updates')} updates; the checkpoint holds "
-        f"{src.get('ema_rates_in_checkpoint')}) |",
+        (f"| EMA rate | {doc['ema_rate']:g} ({src.get('ema_updates')} updates; the checkpoint holds "
+         f"{src.get('ema_rates_in_checkpoint')}) |"),
         f"| training | {src.get('world_size')} workers, ZeRO stage {src.get('zero_stage')}, {src.get('precision')} |",
         f"| dataset | `{src.get('dataset')}` |",
         f"| config hash | `{src.get('config_hash')}` |",
@@ -348,10 +349,15 @@ def model_card(doc: dict[str, Any], fmt: str = "native") -> str:
         lines.append("")
         for e in evaluations:
             ref = e.get("reference") or {}
-            ref_text = ref.get("url") or ref.get("dataset") or json.dumps(ref, sort_keys=True)[:200] if ref else "none"
+            ref_text = "none"
+            if ref:
+                ref_text = (f"`{ref.get('dataset_url')}` ({ref.get('count')} images, manifest sha256 "
+                            f"{str(ref.get('manifest_sha256'))[:12]})")
+            weights = f" (weights sha256 {e['feature_weights_sha256'][:12]})" if e.get("feature_weights_sha256") else ""
             lines.append(f"- `{e['name']}` (checkpoint {e['checkpoint']}): sampler {json.dumps(e['sampler'])}, "
-                         f"eval seed {e['eval_seed']}, features {e['feature_extractor']}, reference {ref_text}, "
-                         f"created {e['created_utc']}; full provenance: `{e['url']}`")
+                         f"{e['num_samples']} samples, eval seed {e['eval_seed']}, features "
+                         f"{e['feature_extractor']}{weights}, reference {ref_text}, created {e['created_utc']}; "
+                         f"full provenance: `{e['url']}`")
         lines.append("")
     if fmt == "native":
         lines += [
@@ -364,12 +370,12 @@ def model_card(doc: dict[str, Any], fmt: str = "native") -> str:
             "```",
             "",
             "```bash",
-            f"python launch/sample.py --model path/to/this/folder --num 64 --sampler {doc['sampling']['sampler']} "
-            f"--steps {doc['sampling']['steps']} --seed 0 --out grid.png",
+            (f"python launch/sample.py --model path/to/this/folder --num 64 --sampler {doc['sampling']['sampler']} "
+             f"--steps {doc['sampling']['steps']} --seed 0 --out grid.png"),
             "```",
             "",
-            "`launch/sample.py` draws image i from seed `evaluation.sampling.sample_seed(seed, i)` with the same "
-            "code as the evaluation stage, so its images equal the evaluation's for the same seed.",
+            ("`launch/sample.py` draws image i from seed `evaluation.sampling.sample_seed(seed, i)` with the same "
+             "code as the evaluation stage, so its images equal the evaluation's for the same seed."),
             "",
         ]
     else:
@@ -380,12 +386,16 @@ def model_card(doc: dict[str, Any], fmt: str = "native") -> str:
             "from diffusers import DDPMPipeline",
             "",
             "pipe = DDPMPipeline.from_pretrained(\"path/to/this/folder\")",
-            "images = pipe(batch_size=4, num_inference_steps=1000).images",
+            f"images = pipe(batch_size=4, num_inference_steps={diff['timesteps']}).images",
             "```",
             "",
             "The scheduler's betas are the training schedule's, exactly (`trained_betas`).",
             "",
         ]
+        if doc["num_classes"]:
+            lines += [(f"The UNet is class-conditional: `DDPMPipeline` passes no labels, so call "
+                       f"`unet(x, t, class_labels=y)` in a sampling loop (label {doc['num_classes']} is the null "
+                       f"class)."), ""]
     lines += ["## Made by", "", "```bash", doc["command"], "```", ""]
     return "\n".join(lines)
 
@@ -475,18 +485,20 @@ def export_run(run_url: str, out: str, *, checkpoint: str | int = "latest", ema_
     records, note = select_metrics(evaluation_records(run_url), src.checkpoint.images_seen, src.ema_rate)
     staging = _staging_dir(out)
     try:
-        weights_path = staging / WEIGHTS_FILE
-        save_file(src.state, str(weights_path), metadata={"format": "pt", "export_format": EXPORT_FORMAT})
-        doc = export_document(src, sha256_file(weights_path), weights_path.stat().st_size, command, records, note)
         if fmt == "native":
-            (staging / CONFIG_FILE).write_text(json.dumps(doc, indent=2) + "\n")
+            weights_file = WEIGHTS_FILE
+            save_file(src.state, str(staging / weights_file), metadata={"format": "pt", "export_format": EXPORT_FORMAT})
         else:
-            from pipeline.diffusers_export import write_diffusers
+            from pipeline.diffusers_export import UNET_WEIGHTS, write_diffusers
 
-            weights_path.unlink()
+            weights_file = UNET_WEIGHTS
             write_diffusers(staging, src.state, src.network_config, src.config.diffusion)
-            (staging / "export.json").write_text(json.dumps({k: v for k, v in doc.items() if k != "weights"},
-                                                            indent=2) + "\n")
+        weights_path = staging / weights_file
+        doc = export_document(src, weights_file, sha256_file(weights_path), weights_path.stat().st_size, command,
+                              records, note)
+        # native: config.json is what load_pretrained reads; diffusers: the same record as export.json
+        # (a config.json at the top would be mistaken for a model config by diffusers).
+        (staging / (CONFIG_FILE if fmt == "native" else EXPORT_RECORD)).write_text(json.dumps(doc, indent=2) + "\n")
         (staging / CARD_FILE).write_text(model_card(doc, fmt))
         files = tuple(sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file()))
         _publish(staging, out, overwrite)

@@ -36,6 +36,7 @@ __all__ = [
     "WEIGHTS_FILE",
     "PretrainedConfig",
     "load_pretrained",
+    "model_config_dict",
     "read_export_config",
     "read_weights",
 ]
@@ -97,7 +98,7 @@ def read_export_config(folder: str | Path) -> dict[str, Any]:
                          f"this library reads version {FORMAT_VERSION}")
     for key in ("model", "diffusion", "weights"):
         if not isinstance(doc.get(key), dict):
-            raise ValueError(f"{path}: field {key!r} is missing or not an object")
+            raise ValueError(f"{path}: field {key!r} is missing or not an object")  # noqa: TRY004 - bad input
     return doc
 
 

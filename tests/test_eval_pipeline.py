@@ -42,7 +42,7 @@ def local_ray():
     import ray
 
     started = not ray.is_initialized()
-    ensure_ray(num_cpus=2)
+    ensure_ray()
     yield
     if started:
         ray.shutdown()

@@ -15,13 +15,11 @@ from pathlib import Path
 
 import psutil
 import pytest
-import torch
+from test_train_unit import TINY, assert_same_checkpoint_tensors
 
 from pipeline.config import load_config
 from pipeline.train.checkpoint import committed_checkpoints, load_ema_weights
 from pipeline.train.ray_launch import init_ray, run_training
-
-from test_train_unit import TINY, assert_same_checkpoint_tensors
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +29,8 @@ TOTAL = 64  # images; 2 workers x micro-batch 4 = 8 per step -> 8 steps
 def _cfg(dataset: str, run: Path, *extra: str):
     return load_config(None, [*TINY, f"data.url={dataset}", f"train.run_dir={run}", "train.num_workers=2",
                               "train.micro_batch=4", "train.checkpoint_every_images=16",
-                              f"train.total_images={TOTAL}", "train.keep_last=10", *extra])
+                              f"train.total_images={TOTAL}", "train.keep_last=10", "train.sample_every_images=32",
+                              *extra])
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +100,7 @@ def test_zero3_interrupted_and_resumed_run_equals_uninterrupted(uninterrupted, d
     assert [c.images_seen for c in committed_checkpoints(str(run))] == [16, 24]
     run_training(_cfg(dataset, run, "train.zero_stage=3"))
     _assert_same_run(run, uninterrupted[3])
+    assert (run / "samples/000000000064.png").is_file()  # EMA gathered from 2 ZeRO-3 partitions
     manifest = committed_checkpoints(str(run))[-1].manifest
     assert manifest["world_size"] == 2 and len(manifest["ranks"]) == 2
     assert len(manifest["ema"]["files"]) == 2  # each rank stored only its own EMA slices

@@ -106,8 +106,9 @@ class MonotoneGamma(nn.Module):
         self.l1 = _PositiveLinear(1, 1)
         self.l2 = _PositiveLinear(1, hidden, init_scale=6.0)
         self.l3 = _PositiveLinear(hidden, 1)
-        self.gamma_0 = nn.Parameter(torch.tensor(float(gamma_min)))
-        self.gamma_1 = nn.Parameter(torch.tensor(float(gamma_max)))
+        # Shape (1,), not 0-d: DeepSpeed cannot broadcast or partition 0-d parameters.
+        self.gamma_0 = nn.Parameter(torch.tensor([float(gamma_min)]))
+        self.gamma_1 = nn.Parameter(torch.tensor([float(gamma_max)]))
 
     def gamma_tilde(self, t: Tensor) -> Tensor:
         h = self.l1(t.reshape(-1, 1))
@@ -124,7 +125,7 @@ class MonotoneGamma(nn.Module):
         return frac, dfrac
 
     def ends(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        return self.gamma_0.to(dtype), self.gamma_1.to(dtype)
+        return self.gamma_0.to(dtype).squeeze(0), self.gamma_1.to(dtype).squeeze(0)
 
     def forward(self, t: Tensor) -> Tensor:
         g0, g1 = self.ends(t.dtype)

@@ -64,7 +64,9 @@ class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in fp32 whatever the autocast dtype, cast back to the input dtype."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.group_norm(x.float(), self.num_groups, self.weight, self.bias, self.eps)
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        y = F.group_norm(x.float(), self.num_groups, weight, bias, self.eps)
         return y.to(x.dtype)
 
 

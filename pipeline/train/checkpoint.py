@@ -132,9 +132,8 @@ def retained(images: list[int], keep_last: int, keep_every: int) -> set[int]:
     if keep_every > 0:
         prev = -1
         for n in ordered:
-            if prev < 0 or n // keep_every > prev // keep_every:
-                if n >= keep_every:
-                    keep.add(n)
+            if n >= keep_every and (prev < 0 or n // keep_every > prev // keep_every):
+                keep.add(n)
             prev = n
     return keep
 

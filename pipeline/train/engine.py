@@ -93,7 +93,6 @@ def deepspeed_config(train: TrainConfig, world_size: int) -> dict[str, Any]:
 def disable_cpu_shm_comm_op() -> None:
     """Skip the JIT build of DeepSpeed's CPU shared-memory comm op (see the module docstring)."""
     import deepspeed.ops
-
     from deepspeed.accelerator import get_accelerator
 
     if get_accelerator().device_name() == "cpu":

@@ -23,7 +23,7 @@ from pipeline.train.checkpoint import find_resume_checkpoint, load_checkpoint, r
 from pipeline.train.ema import EMA
 from pipeline.train.engine import build_engine, global_batch, precision_dtype
 from pipeline.train.metrics import MetricsLogger, Progress, image_grid_png, quartile_of
-from pipeline.train.objective import TrainModule, is_discrete
+from pipeline.train.objective import TrainModule
 from pipeline.train.rundir import RunDir
 
 __all__ = ["NonFiniteLossError", "config_hash", "redacted_yaml", "stream_seed", "train"]
@@ -208,15 +208,14 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
             # Finite loss, overflowing fp16 gradients: DeepSpeed skipped the step and lowered the
             # loss scale. Counted apart; a streak of these is the loss scaler's normal search.
             overflow_total += 1
-        if bad_step:
-            if consecutive_bad > tc.max_consecutive_nonfinite:
-                logger.close()
-                progress.close()
-                raise NonFiniteLossError(
-                    f"{consecutive_bad} consecutive optimizer steps had a non-finite loss or gradient "
-                    f"(limit train.max_consecutive_nonfinite={tc.max_consecutive_nonfinite}) at {images_seen} "
-                    f"images; training stopped. The last good checkpoint is the newest under "
-                    f"{run.join('checkpoints')}; lower train.lr or use precision=bf16/fp32")
+        if bad_step and consecutive_bad > tc.max_consecutive_nonfinite:
+            logger.close()
+            progress.close()
+            raise NonFiniteLossError(
+                f"{consecutive_bad} consecutive optimizer steps had a non-finite loss or gradient "
+                f"(limit train.max_consecutive_nonfinite={tc.max_consecutive_nonfinite}) at {images_seen} "
+                f"images; training stopped. The last good checkpoint is the newest under "
+                f"{run.join('checkpoints')}; lower train.lr or use precision=bf16/fp32")
         progress.update(gbatch, loss=acc.last_loss)
         if images_seen // tc.log_every_images > (images_seen - gbatch) // tc.log_every_images \
                 or images_seen >= tc.total_images:
@@ -336,24 +335,31 @@ def write_sample_grid(cfg: ExperimentConfig, ema: EMA, images_seen: int, num: in
     full = ema.gather_full(ema.rates[0])
     if not dist.is_main() or cfg.diffusion.objective != "ddpm":
         return None
+    with torch.random.fork_rng(devices=[]):  # building the network must not move training's RNG
+        return _sample_grid(cfg, full, images_seen, num)
+
+
+def _sample_grid(cfg: ExperimentConfig, full: dict[str, torch.Tensor], images_seen: int, num: int) -> str:
     from pipeline.diffusion import build_schedule, ddim_sample, respace
     from pipeline.models import build_model_from_config
 
+    device = _device()
     net = build_model_from_config(cfg.model)
     state = {k[len("net."):]: v for k, v in full.items() if k.startswith("net.")}
     missing, _ = net.load_state_dict(state, strict=False)
     params = {name for name, _ in net.named_parameters()}
     if params & set(missing):
         raise RuntimeError(f"EMA weights lack parameters {sorted(params & set(missing))[:5]}")
-    net.eval()
+    net.to(device).eval()
     schedule = respace(build_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps), "ddim50")
     conf = net.config
     seeds = list(range(num))
     num_classes = getattr(conf, "num_classes", 0)
-    y = torch.tensor([s % num_classes for s in seeds]) if num_classes else None
+    y = torch.tensor([s % num_classes for s in seeds], device=device) if num_classes else None
     with torch.no_grad():
         images = ddim_sample(net, schedule, (num, conf.in_channels, conf.image_size, conf.image_size), seeds=seeds,
-                             y=y, parameterization=cfg.diffusion.parameterization, variance=cfg.diffusion.variance)
+                             y=y, parameterization=cfg.diffusion.parameterization, variance=cfg.diffusion.variance,
+                             device=device)
     png = image_grid_png(images, nrow=int(math.sqrt(num)))
     run = RunDir(cfg.train.run_dir)
     rel = f"samples/{images_seen:012d}.png"

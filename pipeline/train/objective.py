@@ -56,7 +56,7 @@ class TrainModule(nn.Module):
 
             self.schedule = build_schedule(diffusion.schedule, diffusion.timesteps)
         else:
-            from pipeline.diffusion.sde import make_continuous_objective
+            from pipeline.diffusion import make_continuous_objective
 
             self.objective = make_continuous_objective(diffusion.objective, dict(diffusion.options))
 

@@ -15,6 +15,7 @@ worker group, which resumes from the newest committed checkpoint in the run dire
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -57,7 +58,7 @@ def init_ray(cfg: ExperimentConfig, address: str | None = None, dashboard: bool 
         # Ray Train's placement-group cleaner polls the state API, which lives in the dashboard.
         runtime_env["worker_process_setup_hook"] = _quiet_state_api_warnings
     ray.init(
-        num_cpus=max(os.cpu_count() or 1, int(-(-need // 1)) + 1),
+        num_cpus=max(os.cpu_count() or 1, math.ceil(need) + 1),  # + 1: Ray Train's own actors
         _node_ip_address="127.0.0.1",
         include_dashboard=dashboard,
         dashboard_host="127.0.0.1",
@@ -69,7 +70,7 @@ def init_ray(cfg: ExperimentConfig, address: str | None = None, dashboard: bool 
 
 def _single_node_loopback() -> None:
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    import ray._private.ray_constants as ray_constants
+    from ray._private import ray_constants
 
     # The constant is read once when ray is imported; an earlier import in this process read it
     # before the variable was set.
