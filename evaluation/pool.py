@@ -70,7 +70,9 @@ _POOLS: dict[tuple[float, float], tuple[str, list[Any]]] = {}
 
 
 def _session() -> str:
-    return ray.get_runtime_context().get_job_id()
+    """Identifies one Ray connection: a restarted local Ray has a new GCS address and node."""
+    context = ray.get_runtime_context()
+    return f"{context.gcs_address}/{context.get_node_id()}/{context.get_job_id()}"
 
 
 def _workers(count: int, cpus: float, gpus: float) -> list[Any]:

@@ -120,3 +120,12 @@ def test_forked_child_gets_its_own_client(s3_bucket):
     fresh, data = recv.recv()
     proc.join(30)
     assert fresh and data == b"x" * 1000
+
+
+def test_local_write_gives_the_usual_file_mode(tmp_path):
+    """Atomic writes go through mkstemp (0600); the result must be readable like any other file."""
+    target = tmp_path / "sub" / "metrics.json"
+    storage.write_bytes(str(target), b"{}")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask

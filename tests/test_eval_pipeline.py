@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from evaluation import inception
 from evaluation.evaluate import evaluate_checkpoint, pending_checkpoints, watch
 from evaluation.model_sampling import CheckpointSampleFn, SamplerSettings
-from evaluation.pool import ensure_ray
+from evaluation.pool import ensure_ray, shutdown_pool
 from evaluation.sampling import generate_samples, read_sample_shard, read_samples, shard_name
 from pipeline.config import build_config
 from pipeline.data.prepare import prepare_dataset
@@ -44,6 +44,7 @@ def local_ray():
     started = not ray.is_initialized()
     ensure_ray()
     yield
+    shutdown_pool()
     if started:
         ray.shutdown()
 

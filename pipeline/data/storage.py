@@ -27,6 +27,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any, Literal
 
+
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
 __all__ = [
     "AccessDenied",
     "BucketNotFound",
@@ -311,6 +320,7 @@ def write_bytes(url: str, data: bytes, settings: S3Settings | None = None) -> No
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual mode
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
