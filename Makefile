@@ -35,7 +35,10 @@ lint: $(STAMP)
 	$(PY) -m ruff check --select F pipeline evaluation launch tests benchmarks
 
 bench: $(STAMP)
-	$(PY) -m benchmarks.run_all
+	$(PY) benchmarks/bench_unet.py --threads 1
+	$(PY) benchmarks/bench_data.py
+	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_eval.py
 
 clean:
 	rm -rf $(VENV) .cache

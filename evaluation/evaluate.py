@@ -56,9 +56,44 @@ class EvalResult:
 
 
 def default_name(cfg: EvalConfig, ema_rate: float) -> str:
-    """A folder name that changes whenever the sample set would: sampler, steps, eta, N, EMA, seed."""
+    """A folder name that changes whenever the sample set would: sampler, steps, eta, guidance, N, EMA, seed."""
     eta = f"-eta{cfg.eta:g}" if cfg.sampler == "ddim" and cfg.eta else ""
-    return f"{cfg.sampler}{cfg.steps}{eta}-n{cfg.num_samples}-ema{ema_rate:g}-seed{cfg.seed}"
+    guidance = f"-cfg{cfg.guidance_scale:g}" if cfg.guidance_scale else ""
+    guidance += f"-cls{cfg.classifier_scale:g}" if cfg.classifier_scale else ""
+    guidance += f"-class{cfg.class_label}" if cfg.class_label is not None else ""
+    return f"{cfg.sampler}{cfg.steps}{eta}{guidance}-n{cfg.num_samples}-ema{ema_rate:g}-seed{cfg.seed}"
+
+
+def sampler_settings(cfg: EvalConfig) -> SamplerSettings:
+    return SamplerSettings(cfg.sampler, cfg.steps, cfg.eta, cfg.guidance_scale, cfg.classifier_scale,
+                           class_label=cfg.class_label, snr=cfg.snr, corrector_steps=cfg.corrector_steps,
+                           ode_tol=cfg.ode_tol, langevin_step_lr=cfg.langevin_step_lr)
+
+
+def guidance_provenance(cfg: ExperimentConfig) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(metrics.json's ``guidance`` record, the classifier reference for the sampling workers).
+
+    The classifier checkpoint is resolved once here, so every worker loads the same one.
+    """
+    ev = cfg.eval
+    record: dict[str, Any] = {"guidance_scale": ev.guidance_scale, "classifier_scale": ev.classifier_scale,
+                              "class_label": ev.class_label, "classifier": None,
+                              "null_class": None, "label_dropout": cfg.diffusion.label_dropout}
+    if ev.guidance_scale:
+        record["null_class"] = int(resolve_model_classes(cfg))
+    if not ev.classifier_scale:
+        return record, None
+    ckpt = resolve_checkpoint(ev.classifier_run, ev.classifier_checkpoint)
+    rate = _ema_rate(EvalConfig(ema_rate=ev.classifier_ema_rate), ckpt)
+    record["classifier"] = {"run": ev.classifier_run, "checkpoint": ckpt.rel, "images_seen": ckpt.images_seen,
+                            "ema_rate": rate, "config_hash": ckpt.manifest.get("config_hash")}
+    return record, {"run_url": ev.classifier_run, "checkpoint": ckpt.images_seen, "ema_rate": rate}
+
+
+def resolve_model_classes(cfg: ExperimentConfig) -> int:
+    from pipeline.models import resolve_preset
+
+    return int(getattr(resolve_preset(cfg.model.preset, **dict(cfg.model.overrides)), "num_classes", 0) or 0)
 
 
 def evaluation_url(run_url: str, checkpoint: Checkpoint, name: str) -> str:
@@ -127,7 +162,8 @@ def evaluate_checkpoint(
     ev = cfg.eval
     ckpt = resolve_checkpoint(run_url, checkpoint)
     ema_rate = _ema_rate(ev, ckpt)
-    settings = SamplerSettings(ev.sampler, ev.steps, ev.eta, ev.guidance_scale, ev.classifier_scale)
+    settings = sampler_settings(ev)
+    guidance, classifier = guidance_provenance(cfg)
     name = ev.name or default_name(ev, ema_rate)
     out_url = evaluation_url(run_url, ckpt, name)
     model = cfg.model.model_dump(mode="json")
@@ -143,9 +179,10 @@ def evaluate_checkpoint(
                                            allow_download=ev.download_weights,
                                            download_timeout_s=ev.download_timeout_s)
     builder = sample_fn_builder or CheckpointSampleFn(run_url, ckpt.images_seen, ema_rate, model, diffusion,
-                                                      settings, device)
+                                                      settings, device, classifier)
     spec = {"checkpoint": ckpt.rel, "images_seen": ckpt.images_seen, "ema_rate": ema_rate,
             "sampler": settings.as_dict(), "model": model, "diffusion": diffusion,
+            **({"classifier": guidance["classifier"]} if classifier else {}),
             "custom_sample_fn": None if sample_fn_builder is None else _describe(sample_fn_builder)}
     start = time.perf_counter()
     generation = generate_samples(
@@ -202,6 +239,8 @@ def evaluate_checkpoint(
         "ema_rate": ema_rate,
         "name": name,
         "sampler": settings.as_dict() if sample_fn_builder is None else {"custom": _describe(sample_fn_builder)},
+        "guidance": guidance if sample_fn_builder is None else None,
+        "objective": diffusion["objective"],
         "num_samples": ev.num_samples,
         "seeds": {"eval_seed": ev.seed, "rule": SEED_RULE,
                   "first_seeds": [int(s) for s in sample_seeds(ev.seed, range(min(3, ev.num_samples)))]},

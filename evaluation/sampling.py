@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from evaluation.pool import run_on_pool
+from evaluation.seeds import sample_seed, sample_seeds  # re-exported: seeds live in a Ray-free module
 from pipeline.data import storage
 
 __all__ = [
@@ -42,20 +43,6 @@ __all__ = [
 
 SampleFn = Callable[[np.ndarray, np.ndarray], "np.ndarray | tuple[np.ndarray, np.ndarray]"]
 SPEC_FILE = "spec.json"
-
-
-def sample_seed(eval_seed: int, index: int) -> int:
-    """The seed of sample ``index``: a 63-bit hash of (eval seed, index) (numpy SeedSequence)."""
-    if index < 0:
-        raise ValueError(f"index: {index!r} is not allowed; sample indices are >= 0")
-    state = np.random.SeedSequence([int(eval_seed) & 0xFFFFFFFF, int(eval_seed) >> 32, int(index)]).generate_state(
-        2, np.uint32
-    )
-    return int((int(state[0]) << 31) ^ int(state[1])) & ((1 << 63) - 1)
-
-
-def sample_seeds(eval_seed: int, indices: Sequence[int]) -> np.ndarray:
-    return np.array([sample_seed(eval_seed, int(i)) for i in indices], dtype=np.int64)
 
 
 @dataclass(frozen=True)

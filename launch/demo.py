@@ -6,7 +6,8 @@
    over the exact density);
 2. prepare_data: the builtin shapes10 dataset into local WebDataset shards, by Ray tasks;
 3. train: configs/quickstart.yaml (2 Ray workers, DeepSpeed ZeRO-2, EMA, checkpoints);
-4. evaluate: DDIM samples from the newest checkpoint's EMA and metrics against the data;
+4. evaluate: DDIM samples from the newest checkpoint's EMA; FID, precision/recall and KID against
+   the data, with the offline NVlabs Inception (TorchScript) as the feature extractor;
 5. export + sample: the EMA weights as safetensors, and a grid generated from the export alone.
 
 Each stage is the command a user would type; the demo only chains them and says where the
@@ -48,9 +49,11 @@ def main(argv: list[str] | None = None) -> None:
            ["launch/prepare_data.py", "--source", "builtin:shapes10", "--out", str(data), "--num-samples", "20000"])
     _stage("train (Ray Train + DeepSpeed ZeRO-2)",
            ["launch/train.py", "--config", "configs/quickstart.yaml", f"train.run_dir={run}", f"data.url={data}"])
-    _stage("evaluate the newest checkpoint (EMA, DDIM-50)",
-           ["launch/evaluate.py", "--run", str(run), "--checkpoint", "latest", "--num-samples", "500",
-            "--workers", "2", "eval.kid_subset_size=250", "eval.reference_max_images=2000"])
+    _stage("evaluate the newest checkpoint (EMA, DDIM-25)",
+           ["launch/evaluate.py", "--run", str(run), "--checkpoint", "latest", "--num-samples", "256",
+            "--steps", "25", "--workers", "2", "--feature-extractor", "inception-v3-tf-torchscript",
+            "--metrics", "fid,pr,kid", "eval.reference_max_images=1000", "eval.samples_per_shard=64",
+            "eval.kid_subset_size=200"])
     export = run / "export" / "ema"
     _stage("export the EMA weights (safetensors + config.json + model card)",
            ["launch/export.py", "--run", str(run), "--out", str(export), "--overwrite"])

@@ -1,7 +1,8 @@
 """Evaluate a run's checkpoints: distributed sampling, FID / IS / precision-recall / KID, bits/dim.
 
     python launch/evaluate.py --run RUN [--checkpoint latest|IMAGES] [--ema RATE] [--num-samples N]
-                              [--sampler ddim|ddpm --steps S] [--workers W] [--watch [--once]]
+                              [--sampler NAME --steps S] [--guidance-scale W]
+                              [--classifier-run RUN --classifier-scale S] [--workers W] [--watch [--once]]
                               [--inception-weights PATH] [--feature-extractor NAME] [key=value ...]
 
 Reads the resolved ``<run>/config.yaml`` that training saved (or ``--config``), applies the
@@ -38,6 +39,11 @@ _FLAGS = {
     "feature_extractor": "eval.feature_extractor",
     "inception_weights": "eval.inception_weights",
     "poll_s": "eval.poll_s",
+    "guidance_scale": "eval.guidance_scale",
+    "classifier_run": "eval.classifier_run",
+    "classifier_scale": "eval.classifier_scale",
+    "classifier_checkpoint": "eval.classifier_checkpoint",
+    "class_label": "eval.class_label",
 }
 
 
@@ -48,9 +54,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--checkpoint", default="latest", help="'latest' or the images seen of a committed checkpoint")
     p.add_argument("--ema", type=float, help="EMA rate to evaluate (default: the checkpoint's first)")
     p.add_argument("--num-samples", type=int, help="number of samples N")
-    p.add_argument("--sampler", help="ddim or ddpm")
+    p.add_argument("--sampler", help="a sampler of the run's objective: ddpm: ddpm, ddim, edm, dpm_solver; "
+                   "vp/subvp/ve_sde: pc, ode, heun, edm, dpm_solver; ncsn: langevin; vdm: ddpm")
     p.add_argument("--steps", type=int, help="sampling steps")
     p.add_argument("--eta", type=float, help="DDIM eta")
+    p.add_argument("--guidance-scale", type=float, help="classifier-free guidance weight w >= 0 (0: conditional)")
+    p.add_argument("--classifier-run", help="run directory of a noisy classifier, for classifier guidance")
+    p.add_argument("--classifier-scale", type=float, help="classifier guidance scale s >= 0 (needs --classifier-run)")
+    p.add_argument("--classifier-checkpoint", help="'latest' (default) or the images seen of the classifier's checkpoint")
+    p.add_argument("--class-label", type=int, help="class of every sample (default: drawn from each sample's seed)")
     p.add_argument("--seed", type=int, help="evaluation seed (sample i uses a seed from (seed, i))")
     p.add_argument("--workers", type=int, help="sampling / feature actors")
     p.add_argument("--batch-size", type=int)

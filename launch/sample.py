@@ -1,14 +1,18 @@
 """Generate images from an exported model folder (launch/export.py --format native).
 
-    python launch/sample.py --model DIR --num N [--sampler ddim|ddpm] [--steps S] [--eta E]
-                            [--class-label K] [--guidance-scale W] [--seed S] [--batch-size B]
-                            [--device cpu|cuda] [--overwrite] --out grid.png|DIR/
+    python launch/sample.py --model DIR --num N [--sampler NAME] [--steps S] [--eta E]
+                            [--class-label K] [--guidance-scale W]
+                            [--classifier-run RUN [--classifier-scale S]] [--seed S]
+                            [--batch-size B] [--device cpu|cuda] [--overwrite] --out grid.png|DIR/
 
-Image i is drawn from seed ``evaluation.sampling.sample_seed(S, i)`` by the evaluation stage's own
+Image i is drawn from seed ``evaluation.seeds.sample_seed(S, i)`` by the evaluation stage's own
 sampler (``evaluation.model_sampling.make_sample_fn``), so for the same seed, sampler and steps
 the images equal those the evaluation stage generated for its metrics. A class-conditional
 model draws each image's label from its seed, unless ``--class-label`` fixes it;
-``--guidance-scale W`` applies classifier-free guidance (Ho & Salimans eq. 6, w = 0: conditional).
+``--guidance-scale W`` applies classifier-free guidance (Ho & Salimans eq. 6, w = 0: conditional);
+``--classifier-run RUN --classifier-scale S`` guides 'ddpm'/'ddim' sampling with the EMA of a
+noisy-classifier training run (ADM). The sampler must fit the model's objective (ddpm: ddpm, ddim,
+edm, dpm_solver; score SDEs: pc, ode, heun, edm, dpm_solver; ncsn: langevin; vdm: ddpm).
 ``--out`` ending in .png writes one grid; otherwise a folder of PNGs plus samples.json
 (seed and label of each image). Bad input exits with status 2 and a message.
 """
@@ -28,11 +32,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="exported model folder")
     p.add_argument("--num", type=int, required=True, help="number of images N")
-    p.add_argument("--sampler", help="ddim or ddpm (default: the run's evaluation sampler, in config.json)")
+    p.add_argument("--sampler", help="a sampler of the model's objective (default: the run's evaluation sampler)")
     p.add_argument("--steps", type=int, help="sampling steps (default: the run's evaluation steps)")
     p.add_argument("--eta", type=float, help="DDIM eta (default: the run's evaluation eta)")
     p.add_argument("--class-label", type=int, help="class of every image (class-conditional models)")
     p.add_argument("--guidance-scale", type=float, default=0.0, help="classifier-free guidance weight w >= 0")
+    p.add_argument("--classifier-run", help="run directory of a noisy classifier (objective 'classifier')")
+    p.add_argument("--classifier-scale", type=float, default=0.0, help="classifier guidance scale s >= 0")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed sample_seed(seed, i)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
@@ -61,34 +67,6 @@ def _to_pil(array):
     return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
 
 
-class ConditionedModel:
-    """The model with a fixed class label and/or classifier-free guidance, as the samplers' model callable."""
-
-    def __init__(self, model, class_label: int | None, guidance_scale: float):
-        from pipeline.diffusion.guidance import classifier_free_guidance
-
-        self.model = model
-        self.config = model.config
-        self.class_label = class_label
-        self.guided = (classifier_free_guidance(model, guidance_scale, null_class=model.config.num_classes)
-                       if guidance_scale else model)
-
-    def to(self, device):
-        self.model.to(device)
-        return self
-
-    def eval(self):
-        self.model.eval()
-        return self
-
-    def __call__(self, x, t, y=None, **cond):
-        import torch
-
-        if self.class_label is not None:
-            y = torch.full((x.shape[0],), self.class_label, dtype=torch.long, device=x.device)
-        return self.guided(x, t, y, **cond)
-
-
 def _fail(message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
     return 2
@@ -102,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"--batch-size: {args.batch_size} is not allowed; it must be >= 1")
     if args.guidance_scale < 0:
         return _fail(f"--guidance-scale: {args.guidance_scale} is not allowed; it must be >= 0")
+    if args.classifier_scale < 0:
+        return _fail(f"--classifier-scale: {args.classifier_scale} is not allowed; it must be >= 0")
+    if args.classifier_scale and not args.classifier_run:
+        return _fail(f"--classifier-scale: {args.classifier_scale} needs --classifier-run")
     if args.seed < 0:
         return _fail(f"--seed: {args.seed} is not allowed; it must be >= 0")
     out = Path(args.out)
@@ -113,35 +95,45 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from evaluation.model_sampling import SamplerSettings, check_discrete, make_sample_fn
-    from evaluation.sampling import sample_seeds
+    from evaluation.model_sampling import (
+        SamplerSettings,
+        check_classifier_fits,
+        load_classifier,
+        make_sample_fn,
+    )
+    from evaluation.seeds import sample_seeds
     from pipeline.pretrained import load_pretrained
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         model, config = load_pretrained(args.model, device=device)
-        check_discrete(config.diffusion.model_dump())
         defaults = config.sampling
         settings = SamplerSettings(args.sampler or defaults.get("sampler", "ddim"),
                                    args.steps if args.steps is not None else int(defaults.get("steps", 50)),
-                                   args.eta if args.eta is not None else float(defaults.get("eta", 0.0)))
+                                   args.eta if args.eta is not None else float(defaults.get("eta", 0.0)),
+                                   guidance_scale=args.guidance_scale, classifier_scale=args.classifier_scale,
+                                   class_label=args.class_label)
+        diffusion = config.diffusion.model_dump(mode="json")
+        d = config.diffusion
+        if d.objective == "vdm" and d.options.get("schedule", "learned") == "learned":
+            return _fail(f"--model: {args.model!r} is a VDM with a learned noise schedule; an export holds the "
+                         "network only, not the schedule: evaluate the run itself (launch/evaluate.py)")
+        if args.guidance_scale and not config.num_classes:
+            return _fail(f"--guidance-scale: {args.guidance_scale} is not allowed for an unconditional model")
+        classifier = None
+        if args.classifier_run and args.classifier_scale:
+            classifier, classifier_diffusion, _ = load_classifier(args.classifier_run)
+            check_classifier_fits(diffusion, classifier_diffusion)
+        num_classes = config.num_classes or (classifier.config.num_classes if classifier is not None else 0)
+        if args.class_label is not None and not (num_classes and 0 <= args.class_label < num_classes):
+            allowed = f"0..{num_classes - 1}" if num_classes else "none: the model is unconditional"
+            return _fail(f"--class-label: {args.class_label} is not allowed; classes: {allowed}")
+        if args.guidance_scale and config.num_classes and not config.diffusion.label_dropout:
+            print("warning: the model was trained without label dropout (diffusion.label_dropout=0); its null "
+                  "class is untrained and guidance will not behave as intended", file=sys.stderr)
+        sample_fn = make_sample_fn(model, settings, device=device, diffusion=diffusion, classifier=classifier)
     except ValueError as exc:
         return _fail(str(exc))
-    num_classes = config.num_classes
-    if args.class_label is not None and not (num_classes and 0 <= args.class_label < num_classes):
-        allowed = f"0..{num_classes - 1}" if num_classes else "none: the model is unconditional"
-        return _fail(f"--class-label: {args.class_label} is not allowed; classes: {allowed}")
-    if args.guidance_scale and not num_classes:
-        return _fail(f"--guidance-scale: {args.guidance_scale} is not allowed for an unconditional model")
-    if args.guidance_scale and not config.diffusion.label_dropout:
-        print("warning: the model was trained without label dropout (diffusion.label_dropout=0); its null class "
-              "is untrained and guidance will not behave as intended", file=sys.stderr)
-    net = model
-    if args.class_label is not None or args.guidance_scale:
-        net = ConditionedModel(model, args.class_label, args.guidance_scale)
-    d = config.diffusion
-    sample_fn = make_sample_fn(net, settings, schedule=d.schedule, timesteps=d.timesteps,
-                               parameterization=d.parameterization, variance=d.variance, device=device)
 
     indices = np.arange(args.num)
     seeds = sample_seeds(args.seed, indices)
@@ -154,8 +146,6 @@ def main(argv: list[str] | None = None) -> int:
         if batch_labels is not None:
             labels.extend(int(v) for v in batch_labels)
     images = np.concatenate(images)
-    if args.class_label is not None:
-        labels = [args.class_label] * args.num
     names = config.class_names
     if as_grid:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -172,8 +162,9 @@ def main(argv: list[str] | None = None) -> int:
                     rec["class_name"] = names[labels[i]]
             records.append(rec)
         info = {"model": str(args.model), "sampler": settings.as_dict(), "guidance_scale": args.guidance_scale,
+                "classifier_run": args.classifier_run, "classifier_scale": args.classifier_scale,
                 "class_label": args.class_label, "seed": args.seed,
-                "seed_rule": "image i uses evaluation.sampling.sample_seed(seed, i)", "images": records}
+                "seed_rule": "image i uses evaluation.seeds.sample_seed(seed, i)", "images": records}
         (out / "samples.json").write_text(json.dumps(info, indent=1) + "\n")
     print(f"wrote {args.num} images to {out}")
     return 0

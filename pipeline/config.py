@@ -138,8 +138,20 @@ class EvalConfig(_Section):
     sampler: Literal["ddpm", "ddim", "pc", "ode", "heun", "edm", "dpm_solver", "langevin"] = "ddim"
     steps: int = Field(50, ge=1)
     eta: float = Field(0.0, ge=0.0)
+    # Guidance: classifier-free weight w (Ho & Salimans eq. 6; 0 = conditional model) and classifier
+    # guidance (ADM; 'ddpm'/'ddim' of the discrete objective) with the EMA of a noisy-classifier run.
     guidance_scale: float = Field(0.0, ge=0.0)
     classifier_scale: float = Field(0.0, ge=0.0)
+    classifier_run: str | None = None  # run directory of a training run with diffusion.objective=classifier
+    classifier_checkpoint: Literal["latest"] | int = "latest"
+    classifier_ema_rate: float | None = None  # None: the classifier checkpoint's first EMA rate
+    class_label: int | None = Field(None, ge=0)  # None: each sample's label is drawn from its seed
+    # Continuous-time samplers: 'pc' Langevin corrector signal-to-noise ratio and steps (Song et al.
+    # 2021: 0.16 and 1 for CIFAR-10), 'ode' solver tolerance, 'langevin' step size (NCSN eps).
+    snr: float = Field(0.16, gt=0)
+    corrector_steps: int = Field(1, ge=0)  # 0: predictor only
+    ode_tol: float = Field(1e-5, gt=0)
+    langevin_step_lr: float = Field(2e-5, gt=0)
     seed: int = 0
     num_workers: int = Field(1, ge=1)
     metrics: tuple[Literal["fid", "is", "pr", "kid", "bpd"], ...] = ("fid", "is", "pr", "kid")
@@ -168,6 +180,13 @@ class EvalConfig(_Section):
     bpd_max_images: int = Field(1000, ge=1)
     # Scheduled evaluation.
     poll_s: float = Field(60.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check_classifier(self) -> EvalConfig:
+        if self.classifier_scale and not self.classifier_run:
+            raise ValueError(f"classifier_scale: {self.classifier_scale!r} needs eval.classifier_run (the run "
+                             "directory of a noisy classifier)")
+        return self
 
 
 class ExportConfig(_Section):

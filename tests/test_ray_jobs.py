@@ -100,8 +100,10 @@ def tiny_data(tmp_path_factory):
     return out
 
 
-def test_ray_job_submit_trains_and_commits_a_checkpoint(ray_head, tiny_data, tmp_path):
-    run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def job_run(ray_head, tiny_data, tmp_path_factory):
+    """`ray job submit -- python launch/train.py ...` against the head: the run directory."""
+    run = tmp_path_factory.mktemp("jobrun") / "run"
     proc = _submit(
         ray_head, str(ROOT / "launch" / "train.py"), "--config", str(ROOT / "configs" / "quickstart.yaml"),
         f"train.run_dir={run}", f"data.url={tiny_data}", "train.total_images=128", "train.micro_batch=16",
@@ -110,12 +112,33 @@ def test_ray_job_submit_trains_and_commits_a_checkpoint(ray_head, tiny_data, tmp
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "succeeded" in (proc.stdout + proc.stderr).lower()
-    manifests = sorted(run.glob("checkpoints/*/manifest.json"))
-    assert manifests, f"no committed checkpoint under {run}/checkpoints"
+    return run
+
+
+def test_ray_job_submit_trains_and_commits_a_checkpoint(job_run):
+    manifests = sorted(job_run.glob("checkpoints/*/manifest.json"))
+    assert manifests, f"no committed checkpoint under {job_run}/checkpoints"
     last = json.loads(manifests[-1].read_text())
     assert last["images_seen"] == 128
-    config_text = (run / "config.yaml").read_text()
+    config_text = (job_run / "config.yaml").read_text()
     assert "aws_secret_access_key" not in config_text.lower()
+
+
+def test_scheduled_evaluation_job_evaluates_each_committed_checkpoint(ray_head, job_run):
+    """The scheduled-evaluation entry point (`--watch --once`) as a Ray job beside training."""
+    proc = _submit(
+        ray_head, str(ROOT / "launch" / "evaluate.py"), "--run", str(job_run), "--watch", "--once",
+        "--num-samples", "16", "--steps", "5", "--workers", "1", "--feature-extractor", "inception-v3-tf-torchscript",
+        "--metrics", "fid,kid", "eval.samples_per_shard=8", "eval.kid_subset_size=8", "eval.kid_subsets=2",
+        "eval.reference_max_images=32",
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    committed = {p.parent.name for p in job_run.glob("checkpoints/*/manifest.json")}
+    evaluated = {p.relative_to(job_run / "eval").parts[0] for p in job_run.glob("eval/*/*/metrics.json")}
+    assert committed and evaluated == committed, (committed, evaluated)
+    for path in job_run.glob("eval/*/*/metrics.json"):
+        metrics = json.loads(path.read_text())
+        assert metrics["metrics"]["fid"] >= 0, metrics
 
 
 def test_ray_head_listens_on_loopback_only(ray_head):
