@@ -67,6 +67,7 @@ def default_name(cfg: EvalConfig, ema_rate: float) -> str:
 def sampler_settings(cfg: EvalConfig) -> SamplerSettings:
     return SamplerSettings(cfg.sampler, cfg.steps, cfg.eta, cfg.guidance_scale, cfg.classifier_scale,
                            class_label=cfg.class_label, snr=cfg.snr, corrector_steps=cfg.corrector_steps,
+                           predictor=cfg.predictor,
                            ode_tol=cfg.ode_tol, langevin_step_lr=cfg.langevin_step_lr)
 
 

@@ -66,6 +66,7 @@ OBJECTIVE_SAMPLERS: dict[str, tuple[str, ...]] = {
 }
 SAMPLERS = ("ddim", "ddpm", "pc", "ode", "heun", "edm", "dpm_solver", "langevin")
 _CLASSIFIER_GUIDED = ("ddpm", "ddim")
+PREDICTORS = ("reverse_diffusion", "euler_maruyama")  # of the 'pc' sampler
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ class SamplerSettings:
     ``steps``: sampler steps (ddpm/ddim: respaced steps; pc/heun/edm/dpm_solver: steps; langevin:
     steps per noise level; ode: ignored, adaptive). ``snr`` / ``corrector_steps``: the Langevin
     corrector of 'pc' (Song et al. 2021: snr 0.16, 1 step for VE; 0 steps = predictor only, as
-    their VP configs), ``langevin_step_lr``: the step size eps of NCSN's annealed Langevin dynamics.
+    their VP configs), ``predictor``: 'reverse_diffusion' or 'euler_maruyama', ``langevin_step_lr``: the step size eps of NCSN's annealed Langevin dynamics.
     ``ode_tol``: rtol = atol of the adaptive ODE solver.
     """
 
@@ -88,6 +89,7 @@ class SamplerSettings:
     class_label: int | None = None
     snr: float = 0.16
     corrector_steps: int = 1
+    predictor: str = "reverse_diffusion"
     ode_tol: float = 1e-5
     langevin_step_lr: float = 2e-5
 
@@ -99,6 +101,8 @@ class SamplerSettings:
         for name in ("guidance_scale", "classifier_scale", "eta"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: {getattr(self, name)!r} is not allowed; it must be >= 0")
+        if self.predictor not in PREDICTORS:
+            raise ValueError(f"predictor: {self.predictor!r} is not allowed; allowed: {', '.join(PREDICTORS)}")
         if self.class_label is not None and self.class_label < 0:
             raise ValueError(f"class_label: {self.class_label!r} is not allowed; it must be >= 0 or None")
         if self.snr <= 0 or self.corrector_steps < 0 or self.ode_tol <= 0 or self.langevin_step_lr <= 0:
@@ -197,7 +201,7 @@ def make_sample_fn(
         raise ValueError(f"guidance_scale: {settings.guidance_scale} is not allowed for an unconditional model "
                          "(classifier-free guidance needs num_classes > 0 and label dropout in training)")
     label_classes = num_classes or (int(classifier.config.num_classes) if classifier is not None else 0)
-    if settings.class_label is not None and not (0 <= settings.class_label < max(label_classes, 0)):
+    if settings.class_label is not None and not 0 <= settings.class_label < label_classes:
         allowed = f"0..{label_classes - 1}" if label_classes else "none: the model is unconditional"
         raise ValueError(f"class_label: {settings.class_label} is not allowed; classes: {allowed}")
     shape = (_data_channels(config, kind, options), int(config.image_size), int(config.image_size))
@@ -310,7 +314,8 @@ def _make_drawer(kind, d, options, net, settings: SamplerSettings, objective, cl
             return dpm_solver_pp_2m_sample(denoiser, x, sigmas)
         x = _initial(seeds, shape, float(sde.prior_std), device)
         if s.sampler == "pc":
-            return pc_sample(score_fn, sde, x, steps=s.steps, snr=s.snr, corrector_steps=max(s.corrector_steps, 1),
+            return pc_sample(score_fn, sde, x, steps=s.steps, predictor=s.predictor, snr=s.snr,
+                             corrector_steps=max(s.corrector_steps, 1),
                              corrector="langevin" if s.corrector_steps else None, snr_norm="example", eps=t_eps,
                              seeds=seeds)
         method = "heun" if s.sampler == "heun" else "dopri5"

@@ -66,6 +66,15 @@ class DiffusionConfig(_Section):
     # Objective-specific parameters of the continuous-time methods (SDE, NCSN, VDM).
     options: dict[str, Any] = Field(default_factory=dict)
 
+    @model_validator(mode="after")
+    def _check_label_dropout(self) -> DiffusionConfig:
+        if self.objective == "classifier" and self.label_dropout > 0:
+            raise ValueError(
+                f"label_dropout: {self.label_dropout!r} is not allowed with objective 'classifier'; a noisy "
+                "classifier must see every true label (label dropout is for classifier-free guidance): use 0"
+            )
+        return self
+
 
 class DataConfig(_Section):
     """Where the shards are and how they are decoded."""
@@ -150,6 +159,7 @@ class EvalConfig(_Section):
     # 2021: 0.16 and 1 for CIFAR-10), 'ode' solver tolerance, 'langevin' step size (NCSN eps).
     snr: float = Field(0.16, gt=0)
     corrector_steps: int = Field(1, ge=0)  # 0: predictor only
+    predictor: Literal["reverse_diffusion", "euler_maruyama"] = "reverse_diffusion"  # of 'pc'
     ode_tol: float = Field(1e-5, gt=0)
     langevin_step_lr: float = Field(2e-5, gt=0)
     seed: int = 0
@@ -180,13 +190,6 @@ class EvalConfig(_Section):
     bpd_max_images: int = Field(1000, ge=1)
     # Scheduled evaluation.
     poll_s: float = Field(60.0, gt=0)
-
-    @model_validator(mode="after")
-    def _check_classifier(self) -> EvalConfig:
-        if self.classifier_scale and not self.classifier_run:
-            raise ValueError(f"classifier_scale: {self.classifier_scale!r} needs eval.classifier_run (the run "
-                             "directory of a noisy classifier)")
-        return self
 
 
 class ExportConfig(_Section):

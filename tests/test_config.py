@@ -73,3 +73,8 @@ def test_cli_exits_2_with_message():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert proc.returncode == 2
     assert "train.zero_stage" in proc.stderr and "7" in proc.stderr
+
+
+def test_classifier_objective_refuses_label_dropout():
+    with pytest.raises(ConfigError, match=r"label_dropout: 0\.1 is not allowed with objective 'classifier'"):
+        load_config(None, ["diffusion.objective=classifier", "diffusion.label_dropout=0.1"])

@@ -59,13 +59,17 @@ def _objective(kind: str):
     return make_continuous_objective("vdm", OPTIONS["vdm"])
 
 
-PAIRS = [(kind, s) for kind, samplers in OBJECTIVE_SAMPLERS.items() for s in samplers]
+PAIRS = [(kind, s, {}) for kind, samplers in OBJECTIVE_SAMPLERS.items() for s in samplers] + [
+    ("ve_sde", "pc", {"predictor": "euler_maruyama", "corrector_steps": 0}),  # predictor only
+    ("subvp_sde", "pc", {"corrector_steps": 2}),
+]
 
 
-@pytest.mark.parametrize("kind,sampler", PAIRS, ids=[f"{k}-{s}" for k, s in PAIRS])
-def test_every_sampler_is_finite_shaped_and_batch_independent(net, kind, sampler):
+@pytest.mark.parametrize("kind,sampler,extra", PAIRS, ids=[f"{k}-{s}" + "".join(f"-{v}" for v in e.values()) for k, s, e in PAIRS])
+def test_every_sampler_is_finite_shaped_and_batch_independent(net, kind, sampler, extra):
     d = DiffusionConfig(objective=kind, timesteps=100, options=OPTIONS.get(kind, {}))
-    fn = make_sample_fn(net, SamplerSettings(sampler, steps=3, ode_tol=1e-3), diffusion=d, objective=_objective(kind))
+    fn = make_sample_fn(net, SamplerSettings(sampler, steps=3, ode_tol=1e-3, **extra), diffusion=d,
+                        objective=_objective(kind))
     seeds = np.array([101, 202, 303])
     images, labels = fn(np.arange(3), seeds)
     assert images.shape == (3, 8, 8, 3) and images.dtype == np.uint8 and labels.shape == (3,)
@@ -157,8 +161,8 @@ def test_classifier_guidance_changes_the_samples_and_keeps_them_per_seed(net):
 
 TRAIN_BASE = [
     "model.preset=tiny",
-    "model.overrides={image_size: 8, base_channels: 8, channel_mult: [1], attention_resolutions: [], "
-    "norm_groups: 4, num_classes: 10}",
+    ("model.overrides={image_size: 8, base_channels: 8, channel_mult: [1], attention_resolutions: [], "
+     "norm_groups: 4, num_classes: 10}"),
     "data.resolution=8", "data.shuffle_buffer=32", "train.micro_batch=4", "train.log_every_images=8",
     "train.ema_rates=[0.9]", "train.lr=1e-3", "train.collective_timeout_s=120", "train.zero_stage=1",
     "train.total_images=16", "train.checkpoint_every_images=16", "diffusion.label_dropout=0.2",
@@ -170,9 +174,10 @@ RUNS = {
     "ve_sde": ["diffusion.objective=ve_sde", "diffusion.options={sigma_max: 10}"],
     "ncsn": ["diffusion.objective=ncsn", "diffusion.options={num_scales: 5}"],
     "vdm": ["diffusion.objective=vdm", "diffusion.options={hidden: 16}"],
-    "classifier": ["model.preset=adm_classifier_64", "model.overrides={image_size: 8, base_channels: 8, "
-                   "channel_mult: [1, 2], num_res_blocks: 1, attention_resolutions: [4], num_head_channels: 8, "
-                   "norm_groups: 4, num_classes: 10}", "diffusion.objective=classifier", "data.require_labels=true",
+    "classifier": ["model.preset=adm_classifier_64",
+                   ("model.overrides={image_size: 8, base_channels: 8, channel_mult: [1, 2], num_res_blocks: 1, "
+                    "attention_resolutions: [4], num_head_channels: 8, norm_groups: 4, num_classes: 10}"),
+                   "diffusion.objective=classifier", "data.require_labels=true",
                    "diffusion.label_dropout=0"],  # the loop would drop labels to the null class 10 otherwise
 }
 TRAIN_CODE = r"""
@@ -285,7 +290,7 @@ def test_sample_cli_uses_the_objectives_samplers_and_a_classifier_run(trained, t
 
 def test_evaluate_flags_and_guidance_provenance(trained):
     sys.path.insert(0, str(ROOT))
-    from evaluation.evaluate import default_name, guidance_provenance
+    from evaluation.evaluate import default_name, guidance_provenance, sampler_settings
     from launch.evaluate import build_overrides, parse_args
 
     args = parse_args(["--run", "r", "--guidance-scale", "1.5", "--classifier-run", str(trained / "classifier"),
@@ -300,8 +305,10 @@ def test_evaluate_flags_and_guidance_provenance(trained):
     assert record["guidance_scale"] == 1.5 and record["null_class"] == 10 and record["label_dropout"] == 0.2
     assert record["classifier"]["images_seen"] == 16 and record["classifier"]["ema_rate"] == 0.9
     assert classifier == {"run_url": str(trained / "classifier"), "checkpoint": 16, "ema_rate": 0.9}
-    with pytest.raises(Exception, match="classifier_scale: 2.0 needs eval.classifier_run"):
-        load_config(None, ["eval.classifier_scale=2"])
+    unguided = load_config(trained / "ddpm" / "config.yaml", ["eval.classifier_scale=2"])  # no classifier_run
+    with pytest.raises(ValueError, match="classifier_scale: 2.0 needs a noisy classifier"):
+        CheckpointSampleFn(str(trained / "ddpm"), 16, None, unguided.model.model_dump(mode="json"),
+                           unguided.diffusion.model_dump(mode="json"), sampler_settings(unguided.eval))
 
 
 PRESETS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -318,7 +325,8 @@ def test_presets_sampler_and_channels_fit_the_objective(path):
     kind = cfg.diffusion.objective
     if kind == "classifier":
         return
-    check_sampler(kind, sampler_settings(cfg.eval))
+    # a preset with classifier_scale expects eval.classifier_run at evaluation time (ADM-G presets)
+    check_sampler(kind, sampler_settings(cfg.eval), has_classifier=bool(cfg.eval.classifier_scale))
     net = resolve_preset(cfg.model.preset, **dict(cfg.model.overrides))
     options = dict(cfg.diffusion.options)
     extra = 0
@@ -329,3 +337,40 @@ def test_presets_sampler_and_channels_fit_the_objective(path):
     assert net.out_channels == data_channels * (2 if net.learn_sigma else 1)
     if kind != "ddpm":
         make_continuous_objective(kind, options)
+
+
+def test_evaluate_checkpoint_samples_continuous_and_guided_runs_with_provenance(trained):
+    """Sampling on the Ray actor pool (no metrics: no Inception weights needed); metrics.json records
+    the objective, the sampler and the guidance with the classifier checkpoint it resolved."""
+    import ray
+
+    from evaluation.evaluate import evaluate_checkpoint
+    from evaluation.pool import ensure_ray, shutdown_pool
+    from evaluation.sampling import read_samples
+
+    started = not ray.is_initialized()
+    ensure_ray()
+    try:
+        common = ["eval.metrics=[]", "eval.num_samples=4", "eval.batch_size=2", "eval.samples_per_shard=2",
+                  "eval.steps=2"]
+        cfg = load_config(trained / "vp_sde" / "config.yaml", [*common, "eval.sampler=pc", "eval.guidance_scale=1",
+                                                                "eval.predictor=euler_maruyama"])
+        record = evaluate_checkpoint(cfg, str(trained / "vp_sde"), progress=False).record
+        assert record["objective"] == "vp_sde" and record["sampler"]["sampler"] == "pc"
+        assert record["sampler"]["predictor"] == "euler_maruyama"
+        assert record["guidance"]["guidance_scale"] == 1.0 and record["guidance"]["null_class"] == 10
+        assert record["name"] == "pc2-cfg1-n4-ema0.9-seed0"
+        cfg = load_config(trained / "ddpm" / "config.yaml",
+                          [*common, "eval.sampler=ddim", f"eval.classifier_run={trained / 'classifier'}",
+                           "eval.classifier_scale=3"])
+        result = evaluate_checkpoint(cfg, str(trained / "ddpm"), progress=False)
+        guidance = json.loads((Path(result.url) / "metrics.json").read_text())["guidance"]
+        assert guidance["classifier_scale"] == 3.0
+        assert guidance["classifier"]["run"] == str(trained / "classifier")
+        assert guidance["classifier"]["images_seen"] == 16 and guidance["classifier"]["ema_rate"] == 0.9
+        images = np.concatenate(list(read_samples(result.url, 4, 2)))
+        assert images.shape == (4, 8, 8, 3)
+    finally:
+        shutdown_pool()
+        if started:
+            ray.shutdown()
