@@ -340,6 +340,34 @@ def test_config_json_round_trip_rebuilds_the_same_network():
         UNetConfig.from_dict({**data, "bogus": 1})
 
 
+def test_prediction_channels_decouple_the_output_from_the_input():
+    """VDM Fourier features: 9 input channels (image + sin/cos), 3 predicted; learn_sigma doubles
+    the prediction; the default (None) is the old tie to in_channels, and JSON round-trips."""
+    tiny = dict(image_size=8, base_channels=8, channel_mult=(1,), attention_resolutions=(), norm_groups=4)
+    plain = build_model("tiny", **tiny)
+    assert plain.config.prediction_channels is None and plain.config.out_channels == 3
+    model = randomize_(build_model("tiny", **tiny, in_channels=9, prediction_channels=3)).eval()
+    x = torch.randn(2, 9, 8, 8)
+    with torch.no_grad():
+        assert model(x, torch.tensor([1.0, 500.0])).shape == (2, 3, 8, 8)
+    # only the first and last convolutions differ from the tied network
+    diff = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in plain.parameters())
+    assert diff == 6 * 8 * 9  # in_conv: 6 more input channels x 8 outputs x 3x3
+    sigma = build_model("tiny", **tiny, in_channels=9, prediction_channels=3, learn_sigma=True)
+    assert sigma.config.out_channels == 6 and sigma.out_conv.out_channels == 6
+    data = json.loads(json.dumps(dataclasses.asdict(model.config)))
+    assert data["prediction_channels"] == 3
+    rebuilt = build_model_from_dict(data)
+    rebuilt.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x, torch.tensor([1.0, 500.0])), model(x, torch.tensor([1.0, 500.0])),
+                                   atol=0, rtol=0)
+    old = {k: v for k, v in dataclasses.asdict(plain.config).items() if k != "prediction_channels"}
+    assert build_model_from_dict(old).config == plain.config  # exports written before the field existed
+    with pytest.raises(ValueError, match="prediction_channels: 0 is not allowed"):
+        UNetConfig(prediction_channels=0)
+
+
 def test_unknown_preset_and_override_raise_value_errors_listing_the_allowed():
     with pytest.raises(ValueError, match=r"'unet_xl'.*adm_imagenet64"):
         build_model("unet_xl")

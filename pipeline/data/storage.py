@@ -308,23 +308,30 @@ def read_bytes(url: str, settings: S3Settings | None = None) -> bytes:
         return get_client(settings).get_object(Bucket=bucket, Key=key)["Body"].read()
 
 
+def _atomic_local_write(path: Path, write: Any) -> None:
+    """Write a local file through a temporary sibling and a rename: readers never see it half-written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual mode
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def write_bytes(url: str, data: bytes, settings: S3Settings | None = None) -> None:
     """Write ``data`` at ``url``; atomic for local paths (temp file + rename), and S3 PUTs are atomic."""
     url = _check_url(url)
     if not is_s3(url):
-        path = Path(url)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual mode
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        def write(f: IO[bytes]) -> None:
+            f.write(data)
+
+        _atomic_local_write(Path(url), write)
         return
     bucket, key = split_s3(url)
     with _S3Call(url, settings):
@@ -345,16 +352,11 @@ def upload_file(path: str | os.PathLike, url: str, settings: S3Settings | None =
     if not os.path.isfile(path):
         raise FileNotFoundError(f"upload_file: local file {path!r} does not exist")
     if not is_s3(url):
-        dest = Path(url)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            shutil.copyfile(path, tmp)
-            os.replace(tmp, dest)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        def copy(f: IO[bytes]) -> None:
+            with open(path, "rb") as src:
+                shutil.copyfileobj(src, f)
+
+        _atomic_local_write(Path(url), copy)
         return
     bucket, key = split_s3(url)
     from boto3.exceptions import S3UploadFailedError

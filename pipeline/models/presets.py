@@ -15,6 +15,9 @@ Parameter counts (tests/test_model_sizes.py asserts the published ones within 0.
   adm_imagenet64    295.9M  (class-conditional; ADM, Dhariwal & Nichol 2021, Table 14 / released model)
   adm_imagenet128   421.5M
   adm_imagenet256   553.8M
+
+Every preset predicts as many channels as it takes in (``prediction_channels`` None); VDM's
+Fourier features override ``in_channels`` and ``prediction_channels`` (configs/cifar10_vdm.yaml).
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ Forward contract: ``model(x, t, y=None, *, low_res=None, emb=None)``
   low_res  (B, low_res_channels, h, w) low-resolution image (super-resolution models)
   emb      (B, cond_embed_dim) vector embedding (unCLIP-style decoders); None means zeros
 returns    (B, C, H, W), or (B, 2C, H, W) with ``learn_sigma`` (first C: the prediction, last C:
-           the variance interpolation value).
+           the variance interpolation value); C = ``prediction_channels`` when set (VDM Fourier
+           features: x has the image's C channels plus its sin/cos features), else x's channels.
 """
 
 from __future__ import annotations
@@ -138,6 +139,10 @@ class UNetConfig(EncoderConfigMixin):
     use_scale_shift_norm: bool = False  # AdaGN (ADM) instead of an additive timestep bias (DDPM)
     resblock_updown: bool = False  # BigGAN residual up/down blocks (ADM) instead of conv resampling
     learn_sigma: bool = False  # output 2C channels: prediction + variance interpolation
+    # Channels C of the prediction when they differ from the input's (VDM Fourier features: the input
+    # is the image plus sin/cos features, the prediction is image-shaped); None: in_channels.
+    # ``out_channels`` (the output layer's width) is this, doubled with learn_sigma.
+    prediction_channels: int | None = None
     num_classes: int = 0  # 0: unconditional; else an embedding of num_classes + 1 rows (last = null)
     low_res_channels: int = 0  # >0: super-resolution model conditioned on an upsampled low-res image
     cond_embed_dim: int = 0  # >0: conditioned on a vector embedding (unCLIP decoder)
@@ -152,10 +157,17 @@ class UNetConfig(EncoderConfigMixin):
         _check_int("low_res_channels", self.low_res_channels, 0)
         _check_int("cond_embed_dim", self.cond_embed_dim, 0)
         _check_int("cond_tokens", self.cond_tokens, 1)
+        if self.prediction_channels is not None:
+            _check_int("prediction_channels", self.prediction_channels, 1)
+
+    @property
+    def data_channels(self) -> int:
+        """Channels of the prediction (the image's): ``prediction_channels``, else ``in_channels``."""
+        return self.in_channels if self.prediction_channels is None else self.prediction_channels
 
     @property
     def out_channels(self) -> int:
-        return 2 * self.in_channels if self.learn_sigma else self.in_channels
+        return 2 * self.data_channels if self.learn_sigma else self.data_channels
 
     @property
     def time_embed_dim(self) -> int:
