@@ -158,11 +158,20 @@ def check_discrete(diffusion: dict[str, Any]) -> None:
 
 
 def _data_channels(config: Any, objective: str, options: dict[str, Any]) -> int:
-    """Image channels: the network's input channels less VDM's Fourier-feature channels."""
+    """Image channels: the network's input channels less VDM's Fourier-feature channels (2 N per
+    image channel, N exponents); they must equal what the network predicts."""
     channels = int(config.in_channels)
     if objective == "vdm" and options.get("fourier_features"):
         lo, hi = options.get("fourier_exponents", (7, 8))
-        channels //= 1 + 2 * (int(hi) - int(lo))
+        per_channel = 1 + 2 * (int(hi) - int(lo))
+        if channels % per_channel:
+            raise ValueError(f"model.in_channels: {channels} is not allowed with VDM Fourier features "
+                             f"(exponents {lo}..{hi}); expected a multiple of {per_channel}")
+        channels //= per_channel
+        predicted = getattr(config, "prediction_channels", None)
+        if predicted is not None and int(predicted) != channels:
+            raise ValueError(f"model.prediction_channels: {predicted} is not allowed with in_channels "
+                             f"{config.in_channels} and VDM Fourier features; expected {channels}")
     return channels
 
 

@@ -12,7 +12,8 @@ model draws each image's label from its seed, unless ``--class-label`` fixes it;
 ``--guidance-scale W`` applies classifier-free guidance (Ho & Salimans eq. 6, w = 0: conditional);
 ``--classifier-run RUN --classifier-scale S`` guides 'ddpm'/'ddim' sampling with the EMA of a
 noisy-classifier training run (ADM). The sampler must fit the model's objective (ddpm: ddpm, ddim,
-edm, dpm_solver; score SDEs: pc, ode, heun, edm, dpm_solver; ncsn: langevin; vdm: ddpm).
+edm, dpm_solver; score SDEs: pc, ode, heun, edm, dpm_solver; ncsn: langevin; vdm: ddpm, with the
+learned noise schedule the export holds in objective.safetensors).
 ``--out`` ending in .png writes one grid; otherwise a folder of PNGs plus samples.json
 (seed and label of each image). Bad input exits with status 2 and a message.
 """
@@ -115,9 +116,10 @@ def main(argv: list[str] | None = None) -> int:
                                    class_label=args.class_label)
         diffusion = config.diffusion.model_dump(mode="json")
         d = config.diffusion
-        if d.objective == "vdm" and d.options.get("schedule", "learned") == "learned":
-            return _fail(f"--model: {args.model!r} is a VDM with a learned noise schedule; an export holds the "
-                         "network only, not the schedule: evaluate the run itself (launch/evaluate.py)")
+        if d.objective == "vdm" and d.options.get("schedule", "learned") == "learned" and config.objective is None:
+            return _fail(f"--model: {args.model!r} is a VDM with a learned noise schedule but the folder holds no "
+                         "objective weights (objective.safetensors; exports made before they were written): "
+                         "export the run again with launch/export.py")
         if args.guidance_scale and not config.num_classes:
             return _fail(f"--guidance-scale: {args.guidance_scale} is not allowed for an unconditional model")
         classifier = None
@@ -131,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.guidance_scale and config.num_classes and not config.diffusion.label_dropout:
             print("warning: the model was trained without label dropout (diffusion.label_dropout=0); its null "
                   "class is untrained and guidance will not behave as intended", file=sys.stderr)
-        sample_fn = make_sample_fn(model, settings, device=device, diffusion=diffusion, classifier=classifier)
+        sample_fn = make_sample_fn(model, settings, device=device, diffusion=diffusion, objective=config.objective,
+                                   classifier=classifier)
     except ValueError as exc:
         return _fail(str(exc))
 

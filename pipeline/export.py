@@ -6,6 +6,8 @@ and writes, atomically:
 
 ``native`` (default)
     ``model.safetensors``  the bare network's ``state_dict`` (fp32)
+    ``objective.safetensors``  the training objective's own parameters (EMA), when it has any
+                           (VDM's learned noise schedule gamma); absent otherwise
     ``config.json``        architecture, diffusion process, resolution, class names, EMA rate,
                            images seen, default sampler, provenance, sha256 of the weights
     ``README.md``          model card: training provenance, the run's latest evaluation metrics
@@ -26,7 +28,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,7 @@ from pipeline.pretrained import (
     CONFIG_FILE,
     EXPORT_FORMAT,
     FORMAT_VERSION,
+    OBJECTIVE_FILE,
     WEIGHTS_FILE,
     model_config_dict,
 )
@@ -54,6 +57,7 @@ __all__ = [
     "load_run_config",
     "model_card",
     "network_state_dict",
+    "objective_state_dict",
 ]
 
 log = logging.getLogger(__name__)
@@ -63,6 +67,7 @@ CARD_FILE = "README.md"
 EXPORT_RECORD = "export.json"  # the config.json record, in a diffusers folder
 # The training module (pipeline.train.objective.TrainModule) holds the network as ``net``.
 _NET_PREFIX = "net."
+_OBJECTIVE_PREFIX = "objective."  # the objective's own parameters (VDM's learned schedule)
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,8 @@ class ExportSource:
     config: ExperimentConfig  # <run>/config.yaml, the resolved config training ran with
     network_config: Any  # pipeline.models UNetConfig / ClassifierConfig
     state: dict[str, torch.Tensor]
+    # the objective's own parameters without the ``objective.`` prefix (VDM's learned schedule); {} if none
+    objective_state: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -114,6 +121,31 @@ def network_state_dict(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return dict(weights)
 
 
+def objective_state_dict(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The training objective's own parameters (``objective.*`` EMA weights, prefix removed)."""
+    return {k[len(_OBJECTIVE_PREFIX):]: v for k, v in weights.items() if k.startswith(_OBJECTIVE_PREFIX)}
+
+
+def _check_objective_state(cfg: ExperimentConfig, state: dict[str, torch.Tensor], where: str) -> None:
+    """The objective's weights must fit the objective of the run's config (strict names and shapes)."""
+    kind = cfg.diffusion.objective
+    if kind in ("ddpm", "classifier"):
+        if state:
+            raise ValueError(f"{where}: holds objective weights {sorted(state)[:3]} but objective {kind!r} has none")
+        return
+    from pipeline.diffusion import make_continuous_objective
+
+    with torch.random.fork_rng(devices=[]):  # a small module; leave the caller's RNG untouched
+        objective = make_continuous_objective(kind, dict(cfg.diffusion.options))
+    if not state and not list(objective.parameters()):
+        return
+    try:
+        objective.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"{where}: its objective weights do not fit diffusion.options of the run's config: "
+                         f"{str(exc).splitlines()[0]}") from None
+
+
 def _verify_ema_files(run: RunDir, ckpt: Checkpoint) -> None:
     files = ckpt.manifest.get("files", {})
     for name in ckpt.manifest.get("ema", {}).get("files", []):
@@ -146,6 +178,8 @@ def gather_export(run_url: str, checkpoint: str | int = "latest", ema_rate: floa
     weights, _manifest = load_ema_weights(run_url, ckpt.images_seen, ema_rate)
     rate = float(ema_rate) if ema_rate is not None else rates[0]
     state = {k: v.contiguous() for k, v in network_state_dict(weights).items()}
+    objective_state = {k: v.contiguous() for k, v in objective_state_dict(weights).items()}
+    _check_objective_state(cfg, objective_state, f"checkpoint {ckpt.rel}")
     with torch.device("meta"):  # only the structure is needed: no initialisation, no RNG use
         net = build_model_from_config(cfg.model)
     try:
@@ -153,7 +187,7 @@ def gather_export(run_url: str, checkpoint: str | int = "latest", ema_rate: floa
     except RuntimeError as exc:
         raise ValueError(f"checkpoint {ckpt.rel}: its EMA weights do not fit the network of {run_url}/config.yaml: "
                          f"{str(exc).splitlines()[0]}") from None
-    return ExportSource(run_url, ckpt, rate, cfg, net.config, state)
+    return ExportSource(run_url, ckpt, rate, cfg, net.config, state, objective_state)
 
 
 def class_names(cfg: ExperimentConfig, num_classes: int) -> tuple[str, ...] | None:
@@ -246,12 +280,14 @@ def _versions() -> dict[str, str]:
 
 
 def export_document(src: ExportSource, weights_file: str, weights_sha256: str, weights_bytes: int, command: str,
-                    metrics: list[dict], metrics_note: str) -> dict[str, Any]:
-    """What ``config.json`` holds (native format)."""
+                    metrics: list[dict], metrics_note: str,
+                    objective_weights: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What ``config.json`` holds (native format). ``objective_weights``: ``{"file", "sha256", "bytes"}``
+    of the objective's parameters file, recorded (with the tensor count) when there is one."""
     cfg, ck = src.config, src.checkpoint
     net_cfg = model_config_dict(src.network_config)
     num_classes = int(net_cfg.get("num_classes", 0) or 0)
-    return {
+    doc = {
         "format": EXPORT_FORMAT,
         "format_version": FORMAT_VERSION,
         "model": net_cfg,
@@ -284,6 +320,10 @@ def export_document(src: ExportSource, weights_file: str, weights_sha256: str, w
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "versions": _versions(),
     }
+    if objective_weights is not None:
+        doc["objective_weights"] = {**objective_weights, "dtype": "float32",
+                                    "num_parameters": int(sum(t.numel() for t in src.objective_state.values()))}
+    return doc
 
 
 def _fmt(value: Any) -> str:
@@ -296,13 +336,16 @@ def model_card(doc: dict[str, Any], fmt: str = "native") -> str:
     """README.md of an export: what the model is, where it came from, how good it is, how to use it."""
     model, diff, src = doc["model"], doc["diffusion"], doc["source"]
     names = doc.get("class_names")
+    objective_note = ("; the objective's learned parameters (noise schedule) in objective.safetensors"
+                      if doc.get("objective_weights") else "")
     lines = [
         f"# {Path(src['run']).name or 'diffusion model'}: EMA {doc['ema_rate']:g} at {doc['images_seen']:,} images",
         "",
         (f"A {doc['resolution']}x{doc['resolution']} pixel-space diffusion model "
          f"({'class-conditional, ' + str(doc['num_classes']) + ' classes' if doc['num_classes'] else 'unconditional'}), "
          f"exported from a training checkpoint of this project's pipeline "
-         f"({'native format: model.safetensors + config.json' if fmt == 'native' else 'diffusers format'})."),
+         f"({'native format: model.safetensors + config.json' if fmt == 'native' else 'diffusers format'}"
+         f"{objective_note})."),
         "",
         "## Model",
         "",
@@ -484,10 +527,17 @@ def export_run(run_url: str, out: str, *, checkpoint: str | int = "latest", ema_
     command = command or _default_command(run_url, out, checkpoint, ema_rate, fmt)
     records, note = select_metrics(evaluation_records(run_url), src.checkpoint.images_seen, src.ema_rate)
     staging = _staging_dir(out)
+    objective_weights = None
     try:
         if fmt == "native":
             weights_file = WEIGHTS_FILE
             save_file(src.state, str(staging / weights_file), metadata={"format": "pt", "export_format": EXPORT_FORMAT})
+            if src.objective_state:
+                objective_path = staging / OBJECTIVE_FILE
+                save_file(src.objective_state, str(objective_path),
+                          metadata={"format": "pt", "export_format": EXPORT_FORMAT})
+                objective_weights = {"file": OBJECTIVE_FILE, "sha256": sha256_file(objective_path),
+                                     "bytes": objective_path.stat().st_size}
         else:
             from pipeline.diffusers_export import UNET_WEIGHTS, write_diffusers
 
@@ -495,7 +545,7 @@ def export_run(run_url: str, out: str, *, checkpoint: str | int = "latest", ema_
             write_diffusers(staging, src.state, src.network_config, src.config.diffusion)
         weights_path = staging / weights_file
         doc = export_document(src, weights_file, sha256_file(weights_path), weights_path.stat().st_size, command,
-                              records, note)
+                              records, note, objective_weights)
         # native: config.json is what load_pretrained reads; diffusers: the same record as export.json
         # (a config.json at the top would be mistaken for a model config by diffusers).
         (staging / (CONFIG_FILE if fmt == "native" else EXPORT_RECORD)).write_text(json.dumps(doc, indent=2) + "\n")

@@ -13,6 +13,11 @@ The folder is written by :mod:`pipeline.export` (``launch/export.py``). ``config
 the network's complete architecture, the diffusion process it was trained for, the image
 resolution, the class names and where the weights came from (run, checkpoint, EMA rate), plus
 the sha256 of the weights file, which is checked on every load.
+
+An objective with its own learned parameters (VDM's learned noise schedule gamma) is exported
+with them in ``objective.safetensors`` (sha256 in ``config.json`` under ``objective_weights``);
+``load_pretrained`` restores it as ``config.objective``, the module a sampler needs
+(``evaluation.model_sampling.make_sample_fn(..., objective=config.objective)``).
 """
 
 from __future__ import annotations
@@ -33,8 +38,10 @@ __all__ = [
     "CONFIG_FILE",
     "EXPORT_FORMAT",
     "FORMAT_VERSION",
+    "OBJECTIVE_FILE",
     "WEIGHTS_FILE",
     "PretrainedConfig",
+    "load_objective",
     "load_pretrained",
     "model_config_dict",
     "read_export_config",
@@ -44,6 +51,7 @@ __all__ = [
 EXPORT_FORMAT = "diffusion-pipeline-export"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
+OBJECTIVE_FILE = "objective.safetensors"  # the objective's own parameters, when it has any
 CONFIG_FILE = "config.json"
 
 
@@ -60,6 +68,9 @@ class PretrainedConfig:
     sampling: dict[str, Any]  # default sampler settings (the run's evaluation settings)
     source: dict[str, Any]  # run, checkpoint, hashes: where the weights came from
     raw: dict[str, Any]  # config.json as read
+    # the training objective with its exported parameters (VDM's learned schedule), in eval mode;
+    # None when the objective has no parameters or the export does not hold them
+    objective: nn.Module | None = None
 
     @property
     def num_classes(self) -> int:
@@ -102,18 +113,23 @@ def read_export_config(folder: str | Path) -> dict[str, Any]:
     return doc
 
 
-def read_weights(folder: str | Path, doc: dict[str, Any] | None = None, verify: bool = True) -> dict[str, torch.Tensor]:
-    """The tensors of ``model.safetensors``; with ``verify`` its sha256 must match ``config.json``."""
+def read_weights(folder: str | Path, doc: dict[str, Any] | None = None, verify: bool = True, *,
+                 key: str = "weights") -> dict[str, torch.Tensor]:
+    """The tensors of ``model.safetensors``; with ``verify`` its sha256 must match ``config.json``.
+    ``key="objective_weights"``: those of the objective's parameters file instead."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     folder = Path(folder)
     doc = read_export_config(folder) if doc is None else doc
-    path = folder / doc["weights"].get("file", WEIGHTS_FILE)
+    record = doc.get(key)
+    if not isinstance(record, dict):
+        raise ValueError(f"{folder / CONFIG_FILE}: field {key!r} is missing or not an object")  # noqa: TRY004
+    path = folder / record.get("file", WEIGHTS_FILE if key == "weights" else OBJECTIVE_FILE)
     if not path.is_file():
         raise ValueError(f"model folder: {str(folder)!r} has no weights file {path.name}")
     if verify:
-        expected = doc["weights"].get("sha256")
+        expected = record.get("sha256")
         actual = _sha256(path)
         if expected != actual:
             raise ValueError(f"{path}: the file is corrupted or was replaced: its sha256 {actual} differs from "
@@ -150,6 +166,9 @@ def load_pretrained(folder: str | Path, *, device: str | torch.device = "cpu", d
         diffusion = DiffusionConfig.model_validate(doc["diffusion"])
     except ValueError as exc:
         raise ValueError(f"{Path(folder) / CONFIG_FILE}: field 'diffusion' is not valid: {exc}") from None
+    objective = load_objective(folder, doc, diffusion, verify=verify)
+    if objective is not None:
+        objective = objective.to(device=device, dtype=dtype).eval().requires_grad_(False)
     names = doc.get("class_names")
     config = PretrainedConfig(
         model=model.config,
@@ -161,8 +180,32 @@ def load_pretrained(folder: str | Path, *, device: str | torch.device = "cpu", d
         sampling=dict(doc.get("sampling") or {}),
         source=dict(doc.get("source") or {}),
         raw=doc,
+        objective=objective,
     )
     return model, config
+
+
+def load_objective(folder: str | Path, doc: dict[str, Any], diffusion: DiffusionConfig, *,
+                   verify: bool = True) -> nn.Module | None:
+    """The training objective with the export's ``objective_weights`` (VDM's learned schedule), in
+    eval mode; None when the export holds none (the objective has no parameters, or an older export)."""
+    if not doc.get("objective_weights"):
+        return None
+    where = Path(folder) / CONFIG_FILE
+    if diffusion.objective in ("ddpm", "classifier"):
+        raise ValueError(f"{where}: field 'objective_weights' is not allowed for objective {diffusion.objective!r}, "
+                         f"which has no parameters of its own")
+    state = read_weights(folder, doc, verify=verify, key="objective_weights")
+    from pipeline.diffusion import make_continuous_objective
+
+    with torch.random.fork_rng(devices=[]):  # initial values are replaced; leave the caller's RNG alone
+        objective = make_continuous_objective(diffusion.objective, dict(diffusion.options))
+    try:
+        objective.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"{Path(folder) / OBJECTIVE_FILE}: the objective weights do not fit field 'diffusion' of "
+                         f"{CONFIG_FILE}: {str(exc).splitlines()[0]}") from None
+    return objective.eval().requires_grad_(False)
 
 
 def model_config_dict(config: Any) -> dict[str, Any]:

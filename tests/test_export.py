@@ -66,7 +66,7 @@ def _randomize(model: torch.nn.Module, seed: int, scale: float = 0.05) -> torch.
 
 
 def make_run(run: Path, model: dict, *, diffusion: dict | None = None, rates=(0.9, 0.99), images_seen: int = 48,
-             committed: bool = True) -> Path:
+             committed: bool = True, objective: torch.nn.Module | None = None) -> Path:
     cfg = build_config({"model": model, "diffusion": diffusion or {"timesteps": 100},
                         "data": {"url": str(run / "no-data"), "resolution": 8},
                         "train": {"run_dir": str(run), "ema_rates": list(rates)},
@@ -75,7 +75,8 @@ def make_run(run: Path, model: dict, *, diffusion: dict | None = None, rates=(0.
     (run / "config.yaml").write_text(config_to_yaml(cfg))
     torch.manual_seed(images_seen)
     net = _randomize(build_model_from_config(cfg.model), images_seen)
-    wrapped = torch.nn.ModuleDict({"net": net})  # training's EMA covers the training module: names "net.*"
+    # training's EMA covers the training module: names "net.*" (and "objective.*", VDM's learned schedule)
+    wrapped = torch.nn.ModuleDict({"net": net, **({"objective": objective} if objective is not None else {})})
     folder = run / "checkpoints" / checkpoint_name(images_seen)
     folder.mkdir(parents=True)
     files = []
@@ -150,6 +151,55 @@ def test_loader_imports_neither_deepspeed_nor_ray(fake_export):
     proc = subprocess.run([sys.executable, "-c", code], check=False, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "IMPORTED []" in proc.stdout
+
+
+def test_vdm_export_carries_its_learned_schedule_and_the_loader_restores_it(tmp_path):
+    """objective.* EMA weights go to objective.safetensors (sha256 in config.json); load_pretrained
+    restores the objective without DeepSpeed or Ray; weights that do not fit the run's options are refused."""
+    from pipeline.diffusion import make_continuous_objective
+    from pipeline.train.checkpoint import load_ema_weights
+
+    options = {"hidden": 16}
+    objective = _randomize(make_continuous_objective("vdm", options), 7)
+    run = make_run(tmp_path / "run", TINY_MODEL, diffusion={"objective": "vdm", "options": options},
+                   objective=objective)
+    out = tmp_path / "export"
+    export_run(str(run), str(out))
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors",
+                                                   "objective.safetensors"]
+    assert not any(k.startswith("objective.") for k in load_file(str(out / "model.safetensors")))
+    doc = json.loads((out / "config.json").read_text())
+    record = doc["objective_weights"]
+    assert record["file"] == "objective.safetensors" and record["bytes"] == (out / "objective.safetensors").stat().st_size
+    weights, _ = load_ema_weights(str(run), rate=0.9)
+    restored = {f"objective.{k}": v for k, v in load_file(str(out / "objective.safetensors")).items()}
+    assert restored.keys() == {k for k in weights if k.startswith("objective.")} and restored
+    assert all(torch.equal(v, weights[k]) for k, v in restored.items())
+    assert record["num_parameters"] == sum(v.numel() for v in restored.values())
+    assert "objective.safetensors" in (out / "README.md").read_text()
+    code = ("import sys, torch\n"
+            "import pipeline\n"
+            f"model, config = pipeline.load_pretrained({str(out)!r})\n"
+            "g = config.objective.gamma(torch.tensor([0.0, 0.5, 1.0]))\n"
+            "assert torch.isfinite(g).all() and g[0] < g[1] < g[2] and not config.objective.training\n"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('deepspeed', 'ray'))\n"
+            "print('IMPORTED', bad)\n")
+    proc = subprocess.run([sys.executable, "-c", code], check=False, cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "IMPORTED []" in proc.stdout
+    _, config = load_pretrained(out)
+    assert all(torch.equal(v, weights[f"objective.{k}"]) for k, v in config.objective.state_dict().items())
+    # the run's config says a smaller schedule network than the checkpoint holds: refused, nothing written
+    bad = make_run(tmp_path / "bad", TINY_MODEL, diffusion={"objective": "vdm", "options": {"hidden": 8}},
+                   objective=objective)
+    with pytest.raises(ValueError, match="objective weights do not fit diffusion.options"):
+        export_run(str(bad), str(tmp_path / "bad_export"))
+    assert not (tmp_path / "bad_export").exists()
+    # a plain DDPM export holds no objective file and its config has no objective
+    plain = tmp_path / "plain"
+    export_run(str(make_run(tmp_path / "plain_run", TINY_MODEL)), str(plain))
+    assert load_pretrained(plain)[1].objective is None and not (plain / "objective.safetensors").exists()
 
 
 def test_model_card_holds_provenance_metrics_and_command(tmp_path, capsys):

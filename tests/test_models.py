@@ -343,7 +343,7 @@ def test_config_json_round_trip_rebuilds_the_same_network():
 def test_prediction_channels_decouple_the_output_from_the_input():
     """VDM Fourier features: 9 input channels (image + sin/cos), 3 predicted; learn_sigma doubles
     the prediction; the default (None) is the old tie to in_channels, and JSON round-trips."""
-    tiny = dict(image_size=8, base_channels=8, channel_mult=(1,), attention_resolutions=(), norm_groups=4)
+    tiny = {"image_size": 8, "base_channels": 8, "channel_mult": (1,), "attention_resolutions": (), "norm_groups": 4}
     plain = build_model("tiny", **tiny)
     assert plain.config.prediction_channels is None and plain.config.out_channels == 3
     model = randomize_(build_model("tiny", **tiny, in_channels=9, prediction_channels=3)).eval()

@@ -174,6 +174,10 @@ RUNS = {
     "ve_sde": ["diffusion.objective=ve_sde", "diffusion.options={sigma_max: 10}"],
     "ncsn": ["diffusion.objective=ncsn", "diffusion.options={num_scales: 5}"],
     "vdm": ["diffusion.objective=vdm", "diffusion.options={hidden: 16}"],
+    # VDM with Fourier features (Kingma et al. 2021, App. B): 3 + 6 input channels, 3 predicted
+    "vdm_fourier": [("model.overrides={image_size: 8, base_channels: 8, channel_mult: [1], attention_resolutions: [], "
+                     "norm_groups: 4, num_classes: 10, in_channels: 9, prediction_channels: 3}"),
+                    "diffusion.objective=vdm", "diffusion.options={hidden: 16, fourier_features: true}"],
     "classifier": ["model.preset=adm_classifier_64",
                    ("model.overrides={image_size: 8, base_channels: 8, channel_mult: [1, 2], num_res_blocks: 1, "
                     "attention_resolutions: [4], num_head_channels: 8, norm_groups: 4, num_classes: 10}"),
@@ -219,11 +223,11 @@ def test_each_objective_trains_with_finite_loss_and_commits(trained, name):
     assert [c.images_seen for c in committed_checkpoints(str(run))] == [16]
     weights, _ = load_ema_weights(str(run))
     assert all(torch.isfinite(v).all() for v in weights.values())
-    assert any(k.startswith("objective.gamma.") for k in weights) == (name == "vdm")  # the learned schedule
+    assert any(k.startswith("objective.gamma.") for k in weights) == name.startswith("vdm")  # learned schedule
 
 
 CHECKPOINT_SAMPLERS = {"ddpm": "dpm_solver", "vp_sde": "edm", "subvp_sde": "pc", "ve_sde": "heun",
-                       "ncsn": "langevin", "vdm": "ddpm"}
+                       "ncsn": "langevin", "vdm": "ddpm", "vdm_fourier": "ddpm"}
 
 
 @pytest.mark.parametrize("name", list(CHECKPOINT_SAMPLERS))
@@ -245,6 +249,67 @@ def test_vdm_checkpoint_samples_with_its_learned_schedule(trained):
     objective = load_ema_objective(weights, cfg.diffusion.model_dump(mode="json"))
     for key, value in objective.state_dict().items():
         assert torch.equal(value, weights[f"objective.{key}"])
+
+
+def test_vdm_export_with_learned_schedule_samples_like_evaluation_on_the_checkpoint(trained, tmp_path, capsys):
+    """A learned-schedule VDM (with Fourier features) exported and sampled by launch/sample.py gives
+    the images evaluation's sampler draws from the checkpoint itself, seed for seed; the export
+    carries the schedule (objective.safetensors, sha256 in config.json) and refuses without it."""
+    import shutil
+
+    from PIL import Image
+
+    from evaluation.seeds import sample_seeds
+    from pipeline.export import export_run
+    from pipeline.pretrained import load_pretrained
+    from pipeline.train.checkpoint import load_ema_weights
+    from pipeline.train.rundir import sha256_file
+
+    sys.path.insert(0, str(ROOT))
+    from launch import sample as sample_cli
+
+    run, out = trained / "vdm_fourier", tmp_path / "export"
+    export_run(str(run), str(out))
+    doc = json.loads((out / "config.json").read_text())
+    assert doc["objective_weights"]["file"] == "objective.safetensors"
+    assert doc["objective_weights"]["sha256"] == sha256_file(out / "objective.safetensors")
+    model, config = load_pretrained(out)
+    assert (model.config.in_channels, model.config.out_channels) == (9, 3)
+    weights, _ = load_ema_weights(str(run))
+    state = config.objective.state_dict()
+    assert state and all(torch.equal(v, weights[f"objective.{k}"]) for k, v in state.items())
+
+    cfg = load_config(run / "config.yaml")
+    seeds = sample_seeds(5, np.arange(5))
+    expected, labels = CheckpointSampleFn(str(run), 16, None, cfg.model.model_dump(mode="json"),
+                                          cfg.diffusion.model_dump(mode="json"),
+                                          SamplerSettings("ddpm", steps=3))()(np.arange(5), seeds)
+    argv = ["--model", str(out), "--num", "5", "--sampler", "ddpm", "--steps", "3", "--seed", "5",
+            "--batch-size", "3", "--device", "cpu"]
+    assert sample_cli.main([*argv, "--out", str(tmp_path / "images")]) == 0, capsys.readouterr().err
+    info = json.loads((tmp_path / "images" / "samples.json").read_text())
+    got = np.stack([np.array(Image.open(tmp_path / "images" / r["file"])) for r in info["images"]])
+    assert got.shape == expected.shape == (5, 8, 8, 3)
+    assert np.array_equal(got, expected) and [r["label"] for r in info["images"]] == labels.tolist()
+    assert len({img.tobytes() for img in got}) == 5  # distinct seeds, distinct images
+    torch.manual_seed(0)  # the schedule matters: its initial values give other images
+    fresh = make_continuous_objective("vdm", dict(cfg.diffusion.options))
+    untrained, _ = make_sample_fn(model, SamplerSettings("ddpm", steps=3), diffusion=config.diffusion,
+                                  objective=fresh)(np.arange(5), seeds)
+    assert not np.array_equal(untrained, expected)
+
+    old = tmp_path / "old"  # an export from before objective weights were written
+    shutil.copytree(out, old)
+    (old / "objective.safetensors").unlink()
+    doc_old = {k: v for k, v in doc.items() if k != "objective_weights"}
+    (old / "config.json").write_text(json.dumps(doc_old))
+    capsys.readouterr()
+    assert sample_cli.main([*argv, "--out", str(tmp_path / "x")]) == 0  # the intact export still samples
+    assert sample_cli.main(["--model", str(old), *argv[2:], "--out", str(tmp_path / "y")]) == 2
+    assert "holds no objective weights" in capsys.readouterr().err
+    (out / "objective.safetensors").write_bytes(b"corrupt")
+    with pytest.raises(ValueError, match="objective.safetensors: the file is corrupted"):
+        load_pretrained(out)
 
 
 def test_classifier_run_guides_the_ddpm_checkpoint(trained):
