@@ -7,6 +7,7 @@ Modules, from the pure math outwards:
                       TorchScript export) and the clear error when there are none
 - ``features``        uint8 images -> Inception features through torch-fidelity's extractors
 - ``pool``            the Ray actor pool every distributed step runs on
+- ``seeds``           the seed of each sample index (Ray-free, shared with launch/sample.py)
 - ``sampling``        samples addressed by index, one seed each, resumable shards, openai ``.npz``
 - ``model_sampling``  ``sample_fn(indices, seeds)`` from a model / a checkpoint's EMA and a sampler
 - ``reference``       dataset features and statistics, cached by the manifest's sha256
