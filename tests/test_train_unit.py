@@ -414,3 +414,41 @@ def test_launch_refuses_bad_input_with_exit_status_2(tmp_path):
     scheme = subprocess.run([sys.executable, script, "train.run_dir=ftp://host/run"], capture_output=True, check=False,
                             text=True, timeout=120)
     assert scheme.returncode == 2 and "run_dir" in scheme.stderr
+
+
+class _Payload:
+    """Unpickling this would create a marker file: proof that a checkpoint ran code."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_resume_loads_deepspeed_files_weights_only(dataset, tmp_path):
+    """A checkpoint whose DeepSpeed optimizer file carries a pickled callable (with a matching
+    manifest checksum, so only the loader stands in the way) is refused, and the code never runs."""
+    import torch
+
+    from pipeline.train.rundir import sha256_file
+
+    run = tmp_path / "run"
+    common = [*TINY, f"data.url={dataset}", f"train.run_dir={run}", "train.zero_stage=2",
+              "train.checkpoint_every_images=32", "train.sample_every_images=0"]
+    _ok(_train_subprocess([*common, "train.total_images=32"]))
+    ckpt = run / "checkpoints" / "000000000032"
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    optim = next(rel for rel in manifest["files"] if rel.endswith("optim_states.pt"))
+    marker = tmp_path / "pwned"
+    state = torch.load(ckpt / optim, weights_only=False)
+    state["payload"] = _Payload(str(marker))
+    torch.save(state, ckpt / optim)
+    manifest["files"][optim]["sha256"] = sha256_file(ckpt / optim)
+    manifest["files"][optim]["size"] = (ckpt / optim).stat().st_size
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+
+    proc = _train_subprocess([*common, "train.total_images=64"])
+    assert proc.returncode != 0
+    assert "weights_only" in proc.stdout + proc.stderr or "Unpickl" in proc.stdout + proc.stderr
+    assert not marker.exists(), "unpickling the checkpoint ran code"

@@ -132,7 +132,35 @@ def build_engine(model: torch.nn.Module, train: TrainConfig, world_size: int):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _Warmup(warmup_steps))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(train, world_size))
+    _load_checkpoints_weights_only(engine)
     return engine
+
+
+def _deepspeed_state_classes() -> list[type]:
+    """The few non-tensor classes DeepSpeed's own checkpoint files hold (loss scaler, ZeRO stage,
+    fragment addresses): the allowlist for ``torch.load(weights_only=True)``."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def _load_checkpoints_weights_only(engine) -> None:
+    """DeepSpeed's torch checkpoint engine loads with ``weights_only=False``; ours resumes with
+    ``weights_only=True`` and an explicit allowlist, so a checkpoint can never run code."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    if not isinstance(engine.checkpoint_engine, TorchCheckpointEngine):
+        raise RuntimeError(f"unexpected DeepSpeed checkpoint engine {type(engine.checkpoint_engine).__name__}; "
+                           "only the torch engine is supported (loaded with weights_only=True)")
+    allowed = _deepspeed_state_classes()
+
+    def load(path: str, map_location=None):
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    engine.checkpoint_engine.load = load
 
 
 def _timedelta(seconds: float):
