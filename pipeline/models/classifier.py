@@ -12,10 +12,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from pipeline.models.layers import AttentionPool2d, GroupNorm32, timestep_embedding
-from pipeline.models.unet import EncoderConfigMixin, _check_int, build_encoder
+from pipeline.models.unet import BlockNetwork, EncoderConfigMixin, _check_int, build_encoder
 
 __all__ = ["ClassifierConfig", "NoisyClassifier"]
 
@@ -52,7 +51,7 @@ class ClassifierConfig(EncoderConfigMixin):
             raise ValueError(f"num_head_channels: {head} does not divide the pooled width {width}")
 
 
-class NoisyClassifier(nn.Module):
+class NoisyClassifier(BlockNetwork):
     """Timestep-conditioned image classifier: the U-Net encoder + attention pooling."""
 
     def __init__(self, config: ClassifierConfig):
@@ -60,8 +59,6 @@ class NoisyClassifier(nn.Module):
         if not isinstance(config, ClassifierConfig):
             raise ValueError(f"config: expected a ClassifierConfig, got {type(config).__name__}")
         self.config = config
-        self.checkpoint_activations = False
-        self.channels_last = False
         cfg = config
         emb_dim = 4 * cfg.base_channels
         self.time_embed = nn.Sequential(nn.Linear(cfg.base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
@@ -74,32 +71,15 @@ class NoisyClassifier(nn.Module):
             out_channels=cfg.num_classes,
         )
 
-    def set_activation_checkpointing(self, enabled: bool = True) -> NoisyClassifier:
-        self.checkpoint_activations = bool(enabled)
-        return self
-
-    def set_channels_last(self, enabled: bool = True) -> NoisyClassifier:
-        self.channels_last = bool(enabled)
-        self.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
-        return self
-
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         cfg = self.config
         if x.ndim != 4 or x.shape[1:] != (cfg.in_channels, cfg.image_size, cfg.image_size):
             raise ValueError(
                 f"x: expected shape (B, {cfg.in_channels}, {cfg.image_size}, {cfg.image_size}), got {tuple(x.shape)}"
             )
-        b = x.shape[0]
-        t = torch.as_tensor(t, device=x.device)
-        if t.ndim == 0:
-            t = t.expand(b)
-        if t.shape != (b,):
-            raise ValueError(f"t: expected shape ({b},), got {tuple(t.shape)}")
+        t = self._timesteps(t, x)
         emb_act = F.silu(self.time_embed(timestep_embedding(t, cfg.base_channels)))
         h = x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
         for block in [*self.input_blocks, self.middle_block]:
-            if self.checkpoint_activations and torch.is_grad_enabled():
-                h = checkpoint(block, h, emb_act, None, use_reentrant=False)
-            else:
-                h = block(h, emb_act, None)
+            h = self._run(block, h, emb_act, None)
         return self.pool(F.silu(self.out_norm(h)))

@@ -240,7 +240,45 @@ def build_encoder(cfg: EncoderConfigMixin, in_channels: int, *, context_channels
     return blocks, middle, skips, ch
 
 
-class UNet(nn.Module):
+class BlockNetwork(nn.Module):
+    """What the U-Net and the noisy classifier share: their run options (activation checkpointing,
+    channels-last), running one block under them, and checking the timestep argument."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.checkpoint_activations = False
+        self.channels_last = False
+
+    def set_activation_checkpointing(self, enabled: bool = True):
+        """Recompute each block's activations in the backward pass instead of storing them."""
+        self.checkpoint_activations = bool(enabled)
+        return self
+
+    def set_channels_last(self, enabled: bool = True):
+        """Store weights and run activations in channels-last (NHWC) memory format."""
+        self.channels_last = bool(enabled)
+        self.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
+        return self
+
+    def _run(self, block: nn.Module, h: torch.Tensor, emb_act: torch.Tensor,
+             context: torch.Tensor | None) -> torch.Tensor:
+        if self.checkpoint_activations and torch.is_grad_enabled():
+            return checkpoint(block, h, emb_act, context, use_reentrant=False)
+        return block(h, emb_act, context)
+
+    @staticmethod
+    def _timesteps(t: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
+        """``t`` as a (B,) tensor on ``x``'s device (a scalar applies to the whole batch)."""
+        b = x.shape[0]
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(b)
+        if t.shape != (b,):
+            raise ValueError(f"t: expected shape ({b},), got {tuple(t.shape)}")
+        return t
+
+
+class UNet(BlockNetwork):
     """The DDPM / ADM U-Net (Ho et al. 2020; Nichol & Dhariwal 2021; Dhariwal & Nichol 2021)."""
 
     def __init__(self, config: UNetConfig):
@@ -248,8 +286,6 @@ class UNet(nn.Module):
         if not isinstance(config, UNetConfig):
             raise ValueError(f"config: expected a UNetConfig, got {type(config).__name__}")
         self.config = config
-        self.checkpoint_activations = False
-        self.channels_last = False
         cfg = config
         emb_dim = cfg.time_embed_dim
         self.time_embed = nn.Sequential(nn.Linear(cfg.base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
@@ -282,22 +318,6 @@ class UNet(nn.Module):
         self.out_norm = GroupNorm32(cfg.norm_groups, ch)
         self.out_conv = zero_module(nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
 
-    def set_activation_checkpointing(self, enabled: bool = True) -> UNet:
-        """Recompute each block's activations in the backward pass instead of storing them."""
-        self.checkpoint_activations = bool(enabled)
-        return self
-
-    def set_channels_last(self, enabled: bool = True) -> UNet:
-        """Store weights and run activations in channels-last (NHWC) memory format."""
-        self.channels_last = bool(enabled)
-        self.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
-        return self
-
-    def _run(self, block: _Block, h: torch.Tensor, emb_act: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
-        if self.checkpoint_activations and torch.is_grad_enabled():
-            return checkpoint(block, h, emb_act, context, use_reentrant=False)
-        return block(h, emb_act, context)
-
     def forward(
         self,
         x: torch.Tensor,
@@ -314,11 +334,7 @@ class UNet(nn.Module):
         if x.shape[-1] % factor or x.shape[-2] % factor:
             raise ValueError(f"x: height and width must be divisible by {factor} here, got {tuple(x.shape)}")
         b = x.shape[0]
-        t = torch.as_tensor(t, device=x.device)
-        if t.ndim == 0:
-            t = t.expand(b)
-        if t.shape != (b,):
-            raise ValueError(f"t: expected shape ({b},), got {tuple(t.shape)}")
+        t = self._timesteps(t, x)
         e = self.time_embed(timestep_embedding(t, cfg.base_channels))
         if self.label_embed is not None:
             if y is None:
