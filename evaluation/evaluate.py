@@ -35,6 +35,7 @@ from evaluation.report import (
 from evaluation.sampling import SampleFn, generate_samples, plan_shards, sample_seeds, shard_name, write_openai_npz
 from pipeline.config import EvalConfig, ExperimentConfig
 from pipeline.data import storage
+from pipeline.diffusion.registry import sampler_spec
 from pipeline.train.checkpoint import Checkpoint, committed_checkpoints, resolve_checkpoint
 
 __all__ = ["EvalResult", "default_name", "evaluate_checkpoint", "evaluation_url", "pending_checkpoints", "watch"]
@@ -57,7 +58,7 @@ class EvalResult:
 
 def default_name(cfg: EvalConfig, ema_rate: float) -> str:
     """A folder name that changes whenever the sample set would: sampler, steps, eta, guidance, N, EMA, seed."""
-    eta = f"-eta{cfg.eta:g}" if cfg.sampler == "ddim" and cfg.eta else ""
+    eta = f"-eta{cfg.eta:g}" if "eta" in sampler_spec(cfg.sampler).options.model_fields and cfg.eta else ""
     guidance = f"-cfg{cfg.guidance_scale:g}" if cfg.guidance_scale else ""
     guidance += f"-cls{cfg.classifier_scale:g}" if cfg.classifier_scale else ""
     guidance += f"-class{cfg.class_label}" if cfg.class_label is not None else ""
@@ -65,10 +66,9 @@ def default_name(cfg: EvalConfig, ema_rate: float) -> str:
 
 
 def sampler_settings(cfg: EvalConfig) -> SamplerSettings:
-    return SamplerSettings(cfg.sampler, cfg.steps, cfg.eta, cfg.guidance_scale, cfg.classifier_scale,
-                           class_label=cfg.class_label, snr=cfg.snr, corrector_steps=cfg.corrector_steps,
-                           predictor=cfg.predictor,
-                           ode_tol=cfg.ode_tol, langevin_step_lr=cfg.langevin_step_lr)
+    """The sampler settings of the eval section (every field they share, by name)."""
+    values = cfg.model_dump()
+    return SamplerSettings(**{k: values[k] for k in SamplerSettings.__dataclass_fields__ if k in values})
 
 
 def guidance_provenance(cfg: ExperimentConfig) -> tuple[dict[str, Any], dict[str, Any] | None]:

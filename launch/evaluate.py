@@ -48,14 +48,15 @@ _FLAGS = {
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from pipeline.diffusion.registry import describe_samplers
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="run directory (local path or s3://bucket/prefix)")
     p.add_argument("--config", help="config YAML (default: <run>/config.yaml)")
     p.add_argument("--checkpoint", default="latest", help="'latest' or the images seen of a committed checkpoint")
     p.add_argument("--ema", type=float, help="EMA rate to evaluate (default: the checkpoint's first)")
     p.add_argument("--num-samples", type=int, help="number of samples N")
-    p.add_argument("--sampler", help="a sampler of the run's objective: ddpm: ddpm, ddim, edm, dpm_solver; "
-                   "vp/subvp/ve_sde: pc, ode, heun, edm, dpm_solver; ncsn: langevin; vdm: ddpm")
+    p.add_argument("--sampler", help=f"a sampler of the run's objective; by objective: {describe_samplers()}")
     p.add_argument("--steps", type=int, help="sampling steps")
     p.add_argument("--eta", type=float, help="DDIM eta")
     p.add_argument("--guidance-scale", type=float, help="classifier-free guidance weight w >= 0 (0: conditional)")

@@ -10,10 +10,10 @@ sampler (``evaluation.model_sampling.make_sample_fn``), so for the same seed, sa
 the images equal those the evaluation stage generated for its metrics. A class-conditional
 model draws each image's label from its seed, unless ``--class-label`` fixes it;
 ``--guidance-scale W`` applies classifier-free guidance (Ho & Salimans eq. 6, w = 0: conditional);
-``--classifier-run RUN --classifier-scale S`` guides 'ddpm'/'ddim' sampling with the EMA of a
-noisy-classifier training run (ADM). The sampler must fit the model's objective (ddpm: ddpm, ddim,
-edm, dpm_solver; score SDEs: pc, ode, heun, edm, dpm_solver; ncsn: langevin; vdm: ddpm, with the
-learned noise schedule the export holds in objective.safetensors).
+``--classifier-run RUN --classifier-scale S`` guides the discrete ancestral/DDIM samplers with the
+EMA of a noisy-classifier training run (ADM). The sampler must fit the model's objective (``--help``
+lists them, from the registry ``pipeline.diffusion.OBJECTIVES``); a VDM samples with the learned
+noise schedule the export holds in objective.safetensors.
 ``--out`` ending in .png writes one grid; otherwise a folder of PNGs plus samples.json
 (seed and label of each image). Bad input exits with status 2 and a message.
 """
@@ -30,10 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from pipeline.diffusion.registry import describe_samplers
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="exported model folder")
     p.add_argument("--num", type=int, required=True, help="number of images N")
-    p.add_argument("--sampler", help="a sampler of the model's objective (default: the run's evaluation sampler)")
+    p.add_argument("--sampler", help="a sampler of the model's objective (default: the run's evaluation sampler); "
+                   f"by objective: {describe_samplers()}")
     p.add_argument("--steps", type=int, help="sampling steps (default: the run's evaluation steps)")
     p.add_argument("--eta", type=float, help="DDIM eta (default: the run's evaluation eta)")
     p.add_argument("--class-label", type=int, help="class of every image (class-conditional models)")
@@ -103,23 +106,24 @@ def main(argv: list[str] | None = None) -> int:
         make_sample_fn,
     )
     from evaluation.seeds import sample_seeds
-    from pipeline.pretrained import load_pretrained
+    from pipeline.diffusion.registry import OBJECTIVES
+    from pipeline.loading import load_model
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        model, config = load_pretrained(args.model, device=device)
+        loaded = load_model(args.model, device=device)
+        config = loaded.config
         defaults = config.sampling
-        settings = SamplerSettings(args.sampler or defaults.get("sampler", "ddim"),
+        default_sampler = defaults.get("sampler") or OBJECTIVES[loaded.diffusion.objective].default_sampler
+        settings = SamplerSettings(args.sampler or default_sampler,
                                    args.steps if args.steps is not None else int(defaults.get("steps", 50)),
                                    args.eta if args.eta is not None else float(defaults.get("eta", 0.0)),
                                    guidance_scale=args.guidance_scale, classifier_scale=args.classifier_scale,
-                                   class_label=args.class_label)
-        diffusion = config.diffusion.model_dump(mode="json")
-        d = config.diffusion
-        if d.objective == "vdm" and d.options.get("schedule", "learned") == "learned" and config.objective is None:
-            return _fail(f"--model: {args.model!r} is a VDM with a learned noise schedule but the folder holds no "
-                         "objective weights (objective.safetensors; exports made before they were written): "
-                         "export the run again with launch/export.py")
+                                   class_label=args.class_label,
+                                   **{k: v for k, v in defaults.items()
+                                      if k in SamplerSettings.__dataclass_fields__ and k not in ("sampler", "steps",
+                                                                                               "eta")})
+        diffusion = loaded.diffusion.model_dump(mode="json")
         if args.guidance_scale and not config.num_classes:
             return _fail(f"--guidance-scale: {args.guidance_scale} is not allowed for an unconditional model")
         classifier = None
@@ -133,8 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.guidance_scale and config.num_classes and not config.diffusion.label_dropout:
             print("warning: the model was trained without label dropout (diffusion.label_dropout=0); its null "
                   "class is untrained and guidance will not behave as intended", file=sys.stderr)
-        sample_fn = make_sample_fn(model, settings, device=device, diffusion=diffusion, objective=config.objective,
-                                   classifier=classifier)
+        sample_fn = make_sample_fn(loaded.network, settings, device=device, diffusion=diffusion,
+                                   objective=loaded.objective, classifier=classifier)
     except ValueError as exc:
         return _fail(str(exc))
 

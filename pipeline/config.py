@@ -15,6 +15,23 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from pipeline.diffusion.registry import (
+    DEFAULT_OBJECTIVE,
+    DEFAULT_SAMPLER,
+    OBJECTIVES,
+    SAMPLERS,
+    LossType,
+    Parameterization,
+    Predictor,
+    Schedule,
+    Variance,
+    objective_options,
+)
+
+# The choices of diffusion.objective and eval.sampler, generated from the registries.
+ObjectiveName = Literal[tuple(OBJECTIVES)]  # type: ignore[valid-type]
+SamplerName = Literal[tuple(SAMPLERS)]  # type: ignore[valid-type]
+
 __all__ = [
     "ConfigError",
     "DataConfig",
@@ -51,29 +68,41 @@ class ModelConfig(_Section):
 
 
 class DiffusionConfig(_Section):
-    """The diffusion process and objective (discrete-time DDPM family by default)."""
+    """The diffusion process and objective (``pipeline.diffusion.OBJECTIVES``).
 
-    objective: Literal["ddpm", "vp_sde", "subvp_sde", "ve_sde", "ncsn", "vdm", "classifier"] = "ddpm"
-    schedule: Literal["linear", "cosine"] = "linear"
+    The discrete objectives (DDPM family, noisy classifier) take the fields below; the continuous
+    ones take ``options``, validated by the objective's own typed options model (unknown keys are
+    refused with a did-you-mean). :meth:`objective_options` gives the typed options either way.
+    """
+
+    objective: ObjectiveName = DEFAULT_OBJECTIVE
+    schedule: Schedule = "linear"
     timesteps: int = Field(1000, ge=2, le=100_000)
-    parameterization: Literal["eps", "x0", "v"] = "eps"
-    variance: Literal["fixed_small", "fixed_large", "learned_range"] = "fixed_large"
-    loss: Literal["simple", "hybrid", "vlb"] = "simple"
+    parameterization: Parameterization = "eps"
+    variance: Variance = "fixed_large"
+    loss: LossType = "simple"
     vlb_weight: float = Field(0.001, ge=0.0)
     importance_sampling: bool = False
     # Fraction of labels replaced by the null class in training (classifier-free guidance).
     label_dropout: float = Field(0.0, ge=0.0, le=1.0)
-    # Objective-specific parameters of the continuous-time methods (SDE, NCSN, VDM).
+    # Options of the continuous-time objectives (score SDEs, NCSN, VDM); see the registry.
     options: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _check_label_dropout(self) -> DiffusionConfig:
-        if self.objective == "classifier" and self.label_dropout > 0:
+    def _check_objective(self) -> DiffusionConfig:
+        spec = OBJECTIVES[self.objective]
+        if self.label_dropout > 0 and not spec.label_dropout:
             raise ValueError(
-                f"label_dropout: {self.label_dropout!r} is not allowed with objective 'classifier'; a noisy "
-                "classifier must see every true label (label dropout is for classifier-free guidance): use 0"
+                f"label_dropout: {self.label_dropout!r} is not allowed with objective {self.objective!r} "
+                f"({spec.summary}): it must see every true label (label dropout is for classifier-free guidance): "
+                "use 0"
             )
+        self.objective_options()
         return self
+
+    def objective_options(self) -> Any:
+        """The typed options of the objective (ValueError naming the key and what is allowed)."""
+        return objective_options(self.objective, self.options, self.model_dump())
 
 
 class DataConfig(_Section):
@@ -144,7 +173,7 @@ class EvalConfig(_Section):
 
     num_samples: int = Field(50_000, ge=1)
     batch_size: int = Field(64, ge=1)
-    sampler: Literal["ddpm", "ddim", "pc", "ode", "heun", "edm", "dpm_solver", "langevin"] = "ddim"
+    sampler: SamplerName = DEFAULT_SAMPLER
     steps: int = Field(50, ge=1)
     eta: float = Field(0.0, ge=0.0)
     # Guidance: classifier-free weight w (Ho & Salimans eq. 6; 0 = conditional model) and classifier
@@ -159,7 +188,7 @@ class EvalConfig(_Section):
     # 2021: 0.16 and 1 for CIFAR-10), 'ode' solver tolerance, 'langevin' step size (NCSN eps).
     snr: float = Field(0.16, gt=0)
     corrector_steps: int = Field(1, ge=0)  # 0: predictor only
-    predictor: Literal["reverse_diffusion", "euler_maruyama"] = "reverse_diffusion"  # of 'pc'
+    predictor: Predictor = "reverse_diffusion"  # of the predictor-corrector sampler
     ode_tol: float = Field(1e-5, gt=0)
     langevin_step_lr: float = Field(2e-5, gt=0)
     seed: int = 0
@@ -241,6 +270,8 @@ def _format_validation_error(err: ValidationError, raw: dict[str, Any]) -> str:
             hint = difflib.get_close_matches(loc[-1], allowed, n=1)
             extra = f" (did you mean '{hint[0]}'?)" if hint else ""
             lines.append(f"unknown key '{key}'{extra}; allowed keys here: {', '.join(allowed)}")
+        elif item["type"] == "value_error":  # a validator's own message names the key and what is allowed
+            lines.append(f"{key}: {item['msg'].removeprefix('Value error, ')}")
         else:
             value = item.get("input")
             lines.append(f"{key}: value {value!r} is not allowed: {item['msg']}")

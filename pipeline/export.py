@@ -33,9 +33,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from pipeline.config import ConfigError, ExperimentConfig, build_config
+from pipeline.config import ExperimentConfig
+from pipeline.diffusion.registry import sampler_options
+from pipeline.loading import network_state_dict, objective_state_dict
+from pipeline.loading import read_run_config as load_run_config
 from pipeline.pretrained import (
     CONFIG_FILE,
     EXPORT_FORMAT,
@@ -43,6 +45,7 @@ from pipeline.pretrained import (
     OBJECTIVE_FILE,
     WEIGHTS_FILE,
     model_config_dict,
+    objective_from_state,
 )
 from pipeline.train.checkpoint import Checkpoint, load_ema_weights, resolve_checkpoint
 from pipeline.train.rundir import RunDir, sha256_file
@@ -65,9 +68,6 @@ log = logging.getLogger(__name__)
 FORMATS = ("native", "diffusers")
 CARD_FILE = "README.md"
 EXPORT_RECORD = "export.json"  # the config.json record, in a diffusers folder
-# The training module (pipeline.train.objective.TrainModule) holds the network as ``net``.
-_NET_PREFIX = "net."
-_OBJECTIVE_PREFIX = "objective."  # the objective's own parameters (VDM's learned schedule)
 
 
 @dataclass(frozen=True)
@@ -95,55 +95,6 @@ class ExportResult:
 
 # ---------------------------------------------------------------------------------------------
 # Gathering
-
-
-def load_run_config(run_url: str) -> ExperimentConfig:
-    """The resolved config training saved as ``<run>/config.yaml``."""
-    run = RunDir(run_url)
-    if not run.exists("config.yaml"):
-        raise ValueError(f"run: {run_url!r} has no config.yaml; is it a training run directory?")
-    try:
-        tree = yaml.safe_load(run.read_bytes("config.yaml")) or {}
-        return build_config(tree)
-    except (yaml.YAMLError, ConfigError) as exc:
-        raise ValueError(f"run: {run_url!r}: config.yaml cannot be read: {exc}") from None
-
-
-def network_state_dict(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The bare network's ``state_dict`` from EMA weights.
-
-    Training's EMA covers the training module, so its names carry the ``net.`` prefix (and a
-    learned-schedule objective adds ``objective.*``, which is not part of the network); EMA files
-    made from a bare network (as some tools write) are returned unchanged.
-    """
-    if any(k.startswith(_NET_PREFIX) for k in weights):
-        return {k[len(_NET_PREFIX):]: v for k, v in weights.items() if k.startswith(_NET_PREFIX)}
-    return dict(weights)
-
-
-def objective_state_dict(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The training objective's own parameters (``objective.*`` EMA weights, prefix removed)."""
-    return {k[len(_OBJECTIVE_PREFIX):]: v for k, v in weights.items() if k.startswith(_OBJECTIVE_PREFIX)}
-
-
-def _check_objective_state(cfg: ExperimentConfig, state: dict[str, torch.Tensor], where: str) -> None:
-    """The objective's weights must fit the objective of the run's config (strict names and shapes)."""
-    kind = cfg.diffusion.objective
-    if kind in ("ddpm", "classifier"):
-        if state:
-            raise ValueError(f"{where}: holds objective weights {sorted(state)[:3]} but objective {kind!r} has none")
-        return
-    from pipeline.diffusion import make_continuous_objective
-
-    with torch.random.fork_rng(devices=[]):  # a small module; leave the caller's RNG untouched
-        objective = make_continuous_objective(kind, dict(cfg.diffusion.options))
-    if not state and not list(objective.parameters()):
-        return
-    try:
-        objective.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise ValueError(f"{where}: its objective weights do not fit diffusion.options of the run's config: "
-                         f"{str(exc).splitlines()[0]}") from None
 
 
 def _verify_ema_files(run: RunDir, ckpt: Checkpoint) -> None:
@@ -179,7 +130,7 @@ def gather_export(run_url: str, checkpoint: str | int = "latest", ema_rate: floa
     rate = float(ema_rate) if ema_rate is not None else rates[0]
     state = {k: v.contiguous() for k, v in network_state_dict(weights).items()}
     objective_state = {k: v.contiguous() for k, v in objective_state_dict(weights).items()}
-    _check_objective_state(cfg, objective_state, f"checkpoint {ckpt.rel}")
+    objective_from_state(cfg.diffusion, objective_state, f"checkpoint {ckpt.rel}")  # strict names and shapes
     with torch.device("meta"):  # only the structure is needed: no initialisation, no RNG use
         net = build_model_from_config(cfg.model)
     try:
@@ -297,7 +248,8 @@ def export_document(src: ExportSource, weights_file: str, weights_sha256: str, w
         "in_channels": int(net_cfg.get("in_channels", 3)),
         "num_classes": num_classes,
         "class_names": list(class_names(cfg, num_classes) or []) or None,
-        "sampling": {"sampler": cfg.eval.sampler, "steps": cfg.eval.steps, "eta": cfg.eval.eta},
+        "sampling": {"sampler": cfg.eval.sampler, "steps": cfg.eval.steps, "eta": cfg.eval.eta,
+                     **sampler_options(cfg.eval.sampler, cfg.eval.model_dump()).model_dump()},
         "ema_rate": src.ema_rate,
         "images_seen": ck.images_seen,
         "step": ck.manifest.get("step"),

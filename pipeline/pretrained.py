@@ -17,7 +17,7 @@ the sha256 of the weights file, which is checked on every load.
 An objective with its own learned parameters (VDM's learned noise schedule gamma) is exported
 with them in ``objective.safetensors`` (sha256 in ``config.json`` under ``objective_weights``);
 ``load_pretrained`` restores it as ``config.objective``, the module a sampler needs
-(``evaluation.model_sampling.make_sample_fn(..., objective=config.objective)``).
+(``pipeline.loading.load_model`` wraps this loader and a run checkpoint's into one).
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ __all__ = [
     "load_objective",
     "load_pretrained",
     "model_config_dict",
+    "objective_from_state",
     "read_export_config",
     "read_weights",
 ]
@@ -185,27 +186,44 @@ def load_pretrained(folder: str | Path, *, device: str | torch.device = "cpu", d
     return model, config
 
 
+def objective_from_state(diffusion: DiffusionConfig | dict[str, Any], state: dict[str, torch.Tensor],
+                         where: str) -> nn.Module:
+    """The registry's objective module with its own parameters loaded strictly from ``state``, in eval mode.
+
+    An objective without parameters must get an empty ``state``; one with parameters all of them
+    (ValueError naming the keys, or saying the weights are missing, otherwise)."""
+    from pipeline.diffusion.registry import build_objective
+
+    d = diffusion if isinstance(diffusion, DiffusionConfig) else DiffusionConfig.model_validate(dict(diffusion))
+    with torch.random.fork_rng(devices=[]):  # initial values are replaced; leave the caller's RNG alone
+        torch.manual_seed(0)
+        objective = build_objective(d.objective, d.objective_options())
+    if not list(objective.parameters()):
+        if state:
+            raise ValueError(f"{where}: field 'objective_weights' / objective weights {sorted(state)[:3]} are not "
+                             f"allowed for objective {d.objective!r}, which has no parameters of its own")
+        return objective.eval()
+    if not state:
+        raise ValueError(f"{where}: objective {d.objective!r} has trained parameters of its own (e.g. a learned "
+                         "noise schedule) but no objective weights were found (objective.safetensors; exports made "
+                         "before they were written lack them): export the run again with launch/export.py")
+    try:
+        objective.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"{where}: the objective weights do not fit diffusion.options: "
+                         f"{str(exc).splitlines()[0]}") from None
+    return objective.eval()
+
+
 def load_objective(folder: str | Path, doc: dict[str, Any], diffusion: DiffusionConfig, *,
                    verify: bool = True) -> nn.Module | None:
     """The training objective with the export's ``objective_weights`` (VDM's learned schedule), in
     eval mode; None when the export holds none (the objective has no parameters, or an older export)."""
     if not doc.get("objective_weights"):
         return None
-    where = Path(folder) / CONFIG_FILE
-    if diffusion.objective in ("ddpm", "classifier"):
-        raise ValueError(f"{where}: field 'objective_weights' is not allowed for objective {diffusion.objective!r}, "
-                         f"which has no parameters of its own")
     state = read_weights(folder, doc, verify=verify, key="objective_weights")
-    from pipeline.diffusion import make_continuous_objective
-
-    with torch.random.fork_rng(devices=[]):  # initial values are replaced; leave the caller's RNG alone
-        objective = make_continuous_objective(diffusion.objective, dict(diffusion.options))
-    try:
-        objective.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise ValueError(f"{Path(folder) / OBJECTIVE_FILE}: the objective weights do not fit field 'diffusion' of "
-                         f"{CONFIG_FILE}: {str(exc).splitlines()[0]}") from None
-    return objective.eval().requires_grad_(False)
+    where = str(Path(folder) / OBJECTIVE_FILE)
+    return objective_from_state(diffusion, state, where).requires_grad_(False)
 
 
 def model_config_dict(config: Any) -> dict[str, Any]:

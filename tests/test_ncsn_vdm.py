@@ -11,7 +11,10 @@ from torch import nn
 
 from pipeline.diffusion.ncsn import annealed_langevin_sample, ncsn_loss, ncsn_sigmas
 from pipeline.diffusion.oracle import GaussianMixture
-from pipeline.diffusion.sde import OBJECTIVES, make_continuous_objective
+from pipeline.diffusion.registry import OBJECTIVES as REGISTRY
+from pipeline.diffusion.registry import make_continuous_objective
+
+OBJECTIVES = tuple(name for name, spec in REGISTRY.items() if not spec.top_level)  # the continuous-time ones
 from pipeline.diffusion.vdm import (
     MonotoneGamma,
     VDMObjective,

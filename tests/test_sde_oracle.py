@@ -24,6 +24,7 @@ from pipeline.diffusion.fast_samplers import (
 )
 from pipeline.diffusion.gaussian import oracle_model
 from pipeline.diffusion.oracle import GaussianMixture
+from pipeline.diffusion.registry import make_continuous_objective
 from pipeline.diffusion.schedules import build_schedule
 from pipeline.diffusion.sde import (
     SDEObjective,
@@ -32,7 +33,6 @@ from pipeline.diffusion.sde import (
     VPSDE,
     bits_per_dim,
     dsm_loss,
-    make_continuous_objective,
     ode_likelihood,
     ode_sample,
     pc_sample,

@@ -154,7 +154,8 @@ def test_timestep_quartiles():
 
 def test_printed_config_hides_credentials():
     cfg = load_config(None, ["data.s3_endpoint_url=https://AKIDEXAMPLE:s3cr3tv4lue@store.local:8333",
-                             "diffusion.options={api_token: abc123, beta_max: 20}"])
+                             "diffusion.objective=vp_sde", "diffusion.options={beta_max: 20}",
+                             "model.overrides={api_token: abc123}"])
     text = redacted_yaml(cfg)
     assert "s3cr3tv4lue" not in text and "AKIDEXAMPLE" not in text and "abc123" not in text
     assert "https://store.local:8333" in text and "beta_max: 20" in text

@@ -22,6 +22,12 @@ Continuous time and guidance (sde.py, ncsn.py, vdm.py, guidance.py, inpainting.p
     classifier_cond_fn, classifier_free_guidance, drop_labels; inpaint_sample; EDM Heun and
     DPM-Solver++: edm_heun_sample, dpm_solver_pp_2m_sample, karras_sigmas.
 Oracle (oracle.py): GaussianMixture with closed-form score, denoiser, classifier and density.
+Seams (registry.py; loaded on first use, so the pure-math modules need no pydantic):
+    OBJECTIVES (name -> ObjectiveSpec: typed options, training module, samplers, sampling view),
+    SAMPLERS (name -> SamplerSpec: typed options, one runner signature), sample(view, sampler, ...),
+    build_objective, make_view, samplers_for, make_continuous_objective. Every objective module has
+    ``training_loss(net, x0, y, generator=) -> ObjectiveLoss`` (objectives.py); the views a sampler
+    drives are in sampling.py; EDM's Euler and DDIM in sigma form are in fast_samplers.py.
 
 The model callable is `model(x, t, y=None, **cond) -> Tensor` (2C channels for learned_range).
 """
@@ -53,6 +59,8 @@ from .losses import (
 from .oracle import GaussianMixture
 from .samplers import ddim_invert, ddim_sample, ddim_step, ddpm_sample, ddpm_step, noise_from_seeds, slerp
 from .fast_samplers import (
+    ddim_sigma_sample,
+    euler_sample,
     denoiser_from_discrete,
     denoiser_from_score_fn,
     denoiser_from_sigma_score,
@@ -70,6 +78,7 @@ from .guidance import (
 )
 from .inpainting import inpaint_sample
 from .ncsn import NCSNObjective, annealed_langevin_sample, ncsn_sigmas
+from .objectives import ClassifierObjective, DDPMObjective, ObjectiveLoss
 from .sde import (
     SDEObjective,
     SubVPSDE,
@@ -77,7 +86,6 @@ from .sde import (
     VPSDE,
     bits_per_dim,
     dsm_loss,
-    make_continuous_objective,
     make_noise_fn,
     make_sde,
     ode_likelihood,
@@ -100,7 +108,26 @@ from .schedules import (
     space_timesteps,
 )
 
+_REGISTRY_NAMES = ("OBJECTIVES", "SAMPLERS", "ObjectiveSpec", "SamplerSpec", "build_objective", "make_view",
+                   "make_continuous_objective", "sample", "samplers_for", "objective_spec", "sampler_spec")
+
+
+def __getattr__(name: str):
+    """The registry's names, imported on first use (it needs pydantic; the math above does not)."""
+    if name in _REGISTRY_NAMES:
+        from . import registry
+
+        return getattr(registry, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
+    *_REGISTRY_NAMES,
+    "ClassifierObjective",
+    "DDPMObjective",
+    "ObjectiveLoss",
+    "ddim_sigma_sample",
+    "euler_sample",
     "LOSS_TYPES",
     "PARAMETERIZATIONS",
     "SCHEDULE_NAMES",
@@ -143,7 +170,6 @@ __all__ = [
     "inpaint_sample",
     "karras_sigmas",
     "linear_betas",
-    "make_continuous_objective",
     "make_noise_fn",
     "make_schedule",
     "make_sde",

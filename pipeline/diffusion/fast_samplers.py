@@ -28,6 +28,8 @@ from pipeline.diffusion.sde import SDE, ScoreFn, append_dims, make_noise_fn, pre
 
 __all__ = [
     "Denoiser",
+    "ddim_sigma_sample",
+    "euler_sample",
     "denoiser_from_discrete",
     "denoiser_from_score_fn",
     "denoiser_from_sigma_score",
@@ -94,6 +96,36 @@ def edm_heun_sample(
             d_next = (x_next - denoiser(x_next, _level(x, sigma_next))) / sigma_next
             x_next = x + (sigma_next - sigma_hat) * 0.5 * (d + d_next)
         x = x_next
+    return x
+
+
+def euler_sample(denoiser: Denoiser, x_init: Tensor, sigmas: Tensor) -> Tensor:
+    """EDM Algorithm 1 without its 2nd-order correction: Euler steps on dx/dsigma = (x - D(x; sigma)) / sigma."""
+    sigmas = _check_sigmas(sigmas)
+    x = x_init
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        x = x + (sigma_next - sigma) * (x - denoiser(x, _level(x, sigma))) / sigma  # Algorithm 1, lines 4-5
+    return x
+
+
+def ddim_sigma_sample(denoiser: Denoiser, x_init: Tensor, sigmas: Tensor, *, eta: float = 0.0, seeds=None,
+                      generator: torch.Generator | None = None) -> Tensor:
+    """DDIM (Song et al. 2021, eq. 12) written for x / alpha and sigma / alpha (any alpha, sigma): with
+    x0 = D(x; s) and eps = (x - x0) / s, x' = x0 + sqrt(s'^2 - c^2) eps + c z, c = eta s' sqrt(1 - s'^2 / s^2).
+
+    eta = 0 is the deterministic DDIM (an Euler step of the probability-flow ODE in these
+    coordinates, Karras et al. 2022 sec. 3); eta = 1 is ancestral sampling."""
+    sigmas = _check_sigmas(sigmas)
+    noise_fn = make_noise_fn(seeds=seeds, generator=generator)
+    x = x_init
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        x0 = denoiser(x, _level(x, sigma))
+        c = eta * sigma_next * math.sqrt(max(1.0 - (sigma_next / sigma) ** 2, 0.0))
+        x = x0 + math.sqrt(sigma_next**2 - c**2) * (x - x0) / sigma
+        if c > 0:
+            x = x + c * noise_fn(x, i + 1)
     return x
 
 

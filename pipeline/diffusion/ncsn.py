@@ -19,6 +19,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from pipeline.diffusion.objectives import PerExampleObjective
+
 from pipeline.diffusion.sde import make_noise_fn
 
 __all__ = [
@@ -75,7 +77,7 @@ def ncsn_loss(score_fn: SigmaScoreFn, x0: Tensor, sigmas: Tensor, *, generator=N
     return 0.5 * ((s * score + z) ** 2).reshape(b, -1).sum(-1)  # lambda(sigma) = sigma^2
 
 
-class NCSNObjective(nn.Module):
+class NCSNObjective(PerExampleObjective, nn.Module):
     """Training objective ``loss(model, x0, y=None, *, generator) -> (B,)`` for NCSN."""
 
     def __init__(self, sigmas: Tensor, *, parameterization: str = "eps") -> None:

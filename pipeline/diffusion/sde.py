@@ -19,7 +19,7 @@ Euler-Maruyama predictor, Langevin corrector with a signal-to-noise ratio; optio
 Likelihood: :func:`ode_likelihood` (instantaneous change of variables; Hutchinson-Rademacher or
 exact divergence), :func:`bits_per_dim`, :func:`uniform_dequantize`.
 Training: :class:`SDEObjective` (denoising score matching, eq. 7, with lambda = sigma^2 or the
-likelihood weighting lambda = g^2) and the objective factory :func:`make_continuous_objective`.
+likelihood weighting lambda = g^2); the registry (``pipeline.diffusion.registry``) builds it from options.
 """
 
 from __future__ import annotations
@@ -32,11 +32,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from pipeline.diffusion.objectives import PerExampleObjective
+
 from pipeline.diffusion.gaussian import x0_eps_from_output
 from pipeline.diffusion.samplers import noise_from_seeds
 
 __all__ = [
-    "OBJECTIVES",
     "SDE",
     "LikelihoodResult",
     "NoiseFn",
@@ -49,7 +50,6 @@ __all__ = [
     "dsm_loss",
     "euler_maruyama_predictor",
     "langevin_corrector",
-    "make_continuous_objective",
     "make_noise_fn",
     "make_sde",
     "ode_likelihood",
@@ -632,7 +632,7 @@ def dsm_loss(
     return losses.mean(-1) if reduce_mean else losses.sum(-1)
 
 
-class SDEObjective(nn.Module):
+class SDEObjective(PerExampleObjective, nn.Module):
     """Training objective ``loss(model, x0, y=None, *, generator) -> (B,)`` for a score SDE."""
 
     def __init__(
@@ -670,74 +670,3 @@ class SDEObjective(nn.Module):
     def score_fn(self, model, y: Tensor | None = None) -> ScoreFn:
         """The sampling-time view of a model trained with this objective."""
         return score_fn_from_model(model, self.sde, self.parameterization, y)
-
-
-_SDE_KEYS = {
-    "vp_sde": ("vp", {"beta_min", "beta_max"}),
-    "subvp_sde": ("subvp", {"beta_min", "beta_max"}),
-    "ve_sde": ("ve", {"sigma_min", "sigma_max"}),
-}
-_SDE_LOSS_KEYS = {"weighting", "parameterization", "eps", "reduce_mean"}
-_NCSN_KEYS = {"sigma_max", "sigma_min", "num_scales", "parameterization"}
-_VDM_KEYS = {
-    "schedule",
-    "gamma_min",
-    "gamma_max",
-    "timesteps",
-    "num_bins",
-    "fourier_features",
-    "fourier_exponents",
-    "antithetic",
-    "hidden",
-    "schedule_objective",
-}
-OBJECTIVES = ("vp_sde", "subvp_sde", "ve_sde", "ncsn", "vdm")
-
-
-def make_continuous_objective(objective: str, options: dict[str, Any] | None = None) -> nn.Module:
-    """Build the per-example loss module for DiffusionConfig.objective and .options.
-
-    Every returned module is called as ``loss(model, x0, y=None, *, generator=None) -> (B,)``;
-    its ``parameters()`` (the VDM schedule, empty otherwise) must be optimised with the model.
-    Options (defaults in brackets):
-      vp_sde / subvp_sde: beta_min [0.1], beta_max [20], weighting ['sigma2' | 'likelihood'],
-        parameterization ['eps' | 'x0' | 'v' | 'score'], eps [1e-5], reduce_mean [True]
-      ve_sde: sigma_min [0.01], sigma_max [50], and the loss keys above (no 'v')
-      ncsn: sigma_max [1.0], sigma_min [0.01], num_scales [10], parameterization ['eps' | 'score']
-      vdm: schedule ['learned' | 'fixed_linear'], gamma_min [-13.3], gamma_max [5.0],
-        timesteps [0 = continuous; T > 0 the discrete-time-T loss], num_bins [256],
-        fourier_features [False], fourier_exponents [(7, 8)], antithetic [True], hidden [1024],
-        schedule_objective ['variance': the learned schedule's interior minimises the loss variance | 'vlb']
-    """
-    from pipeline.diffusion.ncsn import NCSNObjective, ncsn_sigmas  # these modules import this one
-    from pipeline.diffusion.vdm import VDMObjective
-
-    options = dict(options or {})
-    if objective in _SDE_KEYS:
-        name, sde_keys = _SDE_KEYS[objective]
-        allowed = sde_keys | _SDE_LOSS_KEYS
-    elif objective == "ncsn":
-        allowed = _NCSN_KEYS
-    elif objective == "vdm":
-        allowed = _VDM_KEYS
-    else:
-        raise ValueError(f"objective: {objective!r} is not allowed; expected one of {OBJECTIVES}")
-    unknown = sorted(set(options) - allowed)
-    if unknown:
-        raise ValueError(
-            f"diffusion.options: {unknown} not allowed for objective {objective!r}; allowed keys: {sorted(allowed)}"
-        )
-    try:
-        if objective in _SDE_KEYS:
-            sde = make_sde(name, **{k: float(v) for k, v in options.items() if k in sde_keys})
-            return SDEObjective(sde, **{k: v for k, v in options.items() if k in _SDE_LOSS_KEYS})
-        if objective == "ncsn":
-            sig = ncsn_sigmas(
-                float(options.get("sigma_max", 1.0)),
-                float(options.get("sigma_min", 0.01)),
-                int(options.get("num_scales", 10)),
-            )
-            return NCSNObjective(sig, parameterization=options.get("parameterization", "eps"))
-        return VDMObjective(**options)
-    except TypeError as err:  # a wrongly typed option value
-        raise ValueError(f"diffusion.options: {options!r} not allowed for objective {objective!r}: {err}") from err

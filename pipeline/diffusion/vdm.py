@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline.diffusion.objectives import PerExampleObjective
+
 from pipeline.diffusion.sde import make_noise_fn
 
 __all__ = [
@@ -226,7 +228,7 @@ class VDMOutput:
         return self.loss / (self.num_dims * math.log(2))
 
 
-class VDMObjective(nn.Module):
+class VDMObjective(PerExampleObjective, nn.Module):
     """VDM's VLB as a training objective ``loss(model, x0, y=None, *, generator) -> bpd (B,)``.
 
     Holds the noise schedule gamma as a submodule: optimise ``objective.parameters()`` together

@@ -22,7 +22,7 @@ from pipeline.train import dist
 from pipeline.train.checkpoint import find_resume_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint
 from pipeline.train.ema import EMA
 from pipeline.train.engine import build_engine, global_batch, precision_dtype
-from pipeline.train.metrics import MetricsLogger, Progress, image_grid_png, quartile_of
+from pipeline.train.metrics import MetricsLogger, Progress, image_grid_png, quartile_of_time
 from pipeline.train.objective import TrainModule
 from pipeline.train.rundir import RunDir
 
@@ -31,6 +31,9 @@ __all__ = ["NonFiniteLossError", "config_hash", "redacted_yaml", "stream_seed", 
 log = logging.getLogger(__name__)
 
 _SECRET_WORDS = ("secret", "password", "token", "credential", "access_key", "session_key")
+
+
+GRID_STEPS = 50  # sampler steps of the training-time sample grid
 
 
 class NonFiniteLossError(RuntimeError):
@@ -84,19 +87,6 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
-def _draw_t_noise(module: TrainModule, x0: torch.Tensor, generator: torch.Generator, sampler):
-    """Timestep indices, importance weights (or None) and noise for one micro-batch."""
-    n = x0.shape[0]
-    if sampler is not None:
-        t, weights = sampler.sample(n, generator=generator)
-        t, weights = t.to(x0.device), weights.to(x0.device, torch.float32)
-    else:
-        t = torch.randint(0, module.num_timesteps, (n,), generator=generator, device=generator.device)
-        weights = None
-    noise = torch.randn(x0.shape, generator=generator, device=generator.device, dtype=x0.dtype)
-    return t.to(x0.device), weights, noise.to(x0.device)
-
-
 def train(cfg: ExperimentConfig) -> dict[str, Any]:
     """Train on this worker until ``cfg.train.total_images``; returns a summary (rank 0's view)."""
     from pipeline.models import build_model_from_config
@@ -120,7 +110,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
     # Dropout draws from the global generator: a per-rank stream, checkpointed with the run.
     torch.manual_seed(stream_seed(tc.seed, rank, -1, 0))
     ema = EMA(engine.module, tc.ema_rates, rank, world, warmup=tc.ema_warmup)
-    sampler = _importance_sampler(cfg, module)
+    sampler = getattr(module.objective, "importance", None)  # Improved DDPM's importance-sampled t
     reader = build_reader(cfg, rank, world)
     gbatch = global_batch(tc, world)
 
@@ -147,9 +137,8 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
     progress = Progress(tc.total_images, images_seen, enabled=main)
     dtype = precision_dtype(tc.precision)
     autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext())
-    num_t = module.num_timesteps
     num_classes = int(getattr(getattr(net, "config", None), "num_classes", 0) or 0)
-    acc = _Accumulator(num_t is not None)
+    acc = _Accumulator()
     last_log_time, last_log_images = time.perf_counter(), images_seen
     batches = iter(reader)
 
@@ -169,13 +158,10 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
             x0 = x0.to(device, non_blocking=True)
             gen = torch.Generator(device=device).manual_seed(stream_seed(tc.seed, rank, images_seen, micro))
             y = model_labels(labels.to(device), num_classes, cfg.diffusion.label_dropout, gen)
-            if num_t is not None:
-                t, weights, noise = _draw_t_noise(module, x0, gen, sampler)
-            else:
-                t, weights, noise = None, None, None
             with autocast:
-                losses = engine(x0, y, t, noise, gen).float()
-            weighted = losses * weights if weights is not None else losses
+                out = engine(x0, y, gen)
+            losses = out.loss.float()
+            weighted = losses * out.weight if out.weight is not None else losses
             loss = weighted.mean()
             finite = torch.isfinite(loss.detach()).to(torch.float32)
             # Every rank must agree to skip, or the next collective would hang.
@@ -193,9 +179,9 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
                     p.grad = None
             engine.step()
             if all_finite:
-                acc.add(losses.detach(), quartile_of(t, num_t) if t is not None else None)
+                acc.add(losses.detach(), quartile_of_time(out.time) if out.time is not None else None)
                 if sampler is not None:
-                    _update_sampler(sampler, t, losses.detach())
+                    _update_sampler(sampler, out.t_index, losses.detach())
         images_seen += gbatch
         step += 1
         if bad_step:
@@ -278,17 +264,6 @@ def _loss_scale(engine) -> float | None:
     return float(scale) if scale is not None else None
 
 
-def _importance_sampler(cfg: ExperimentConfig, module: TrainModule):
-    if not cfg.diffusion.importance_sampling:
-        return None
-    if module.num_timesteps is None:
-        raise ValueError(f"diffusion.importance_sampling: True is not allowed for objective "
-                         f"{cfg.diffusion.objective!r}; it applies to the discrete-time objectives")
-    from pipeline.diffusion import ImportanceSampler
-
-    return ImportanceSampler(module.num_timesteps)
-
-
 def _update_sampler(sampler, t: torch.Tensor, losses: torch.Tensor) -> None:
     """Every rank feeds the same all-gathered (t, loss) pairs, so all hold the same history."""
     pairs = dist.all_gather_object((t.cpu(), losses.float().cpu()))
@@ -298,8 +273,8 @@ def _update_sampler(sampler, t: torch.Tensor, losses: torch.Tensor) -> None:
 class _Accumulator:
     """Local sums of the loss (overall and per timestep quartile) between log points."""
 
-    def __init__(self, by_quartile: bool):
-        self.by_quartile = by_quartile
+    def __init__(self):
+        self.by_quartile = False  # set once an objective reports each example's diffusion time
         self.last_loss = math.nan
         self._reset()
 
@@ -311,7 +286,8 @@ class _Accumulator:
         self.sums[0] += losses.sum()
         self.sums[1] += losses.numel()
         self.last_loss = float(losses.mean())
-        if self.by_quartile and quartile is not None:
+        if quartile is not None:
+            self.by_quartile = True
             q = quartile.cpu()
             for i in range(4):
                 mask = q == i
@@ -329,37 +305,39 @@ class _Accumulator:
         return out
 
 
-def write_sample_grid(cfg: ExperimentConfig, ema: EMA, images_seen: int, num: int = 64) -> str | None:
+def write_sample_grid(cfg: ExperimentConfig, ema: EMA, images_seen: int, num: int = 64,
+                      steps: int = GRID_STEPS) -> str | None:
     """Collective: materialise the first EMA on every rank, rank 0 samples ``num`` images from fixed
-    seeds 0..num-1 with 50 DDIM steps and writes ``<run>/samples/<images seen>.png``."""
+    seeds 0..num-1 with the objective's default sampler (``steps`` steps) and writes
+    ``<run>/samples/<images seen>.png``. Objectives with no sampler (a noisy classifier) write none."""
+    from pipeline.diffusion.registry import OBJECTIVES
+
     full = ema.gather_full(ema.rates[0])
-    if not dist.is_main() or cfg.diffusion.objective != "ddpm":
+    if not dist.is_main() or not OBJECTIVES[cfg.diffusion.objective].generative:
         return None
     with torch.random.fork_rng(devices=[]):  # building the network must not move training's RNG
-        return _sample_grid(cfg, full, images_seen, num)
+        return _sample_grid(cfg, full, images_seen, num, steps)
 
 
-def _sample_grid(cfg: ExperimentConfig, full: dict[str, torch.Tensor], images_seen: int, num: int) -> str:
-    from pipeline.diffusion import build_schedule, ddim_sample, respace
-    from pipeline.models import build_model_from_config
+def _sample_grid(cfg: ExperimentConfig, full: dict[str, torch.Tensor], images_seen: int, num: int,
+                 steps: int) -> str:
+    from pipeline.diffusion.registry import OBJECTIVES, data_channels, make_view, sample
+    from pipeline.loading import network_from_state, network_state_dict, objective_from_state, objective_state_dict
 
     device = _device()
-    net = build_model_from_config(cfg.model)
-    state = {k[len("net."):]: v for k, v in full.items() if k.startswith("net.")}
-    missing, _ = net.load_state_dict(state, strict=False)
-    params = {name for name, _ in net.named_parameters()}
-    if params & set(missing):
-        raise RuntimeError(f"EMA weights lack parameters {sorted(params & set(missing))[:5]}")
-    net.to(device).eval()
-    schedule = respace(build_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps), "ddim50")
+    where = f"the EMA at {images_seen} images"
+    net = network_from_state(cfg.model, network_state_dict(full), where).to(device)
+    objective = objective_from_state(cfg.diffusion, objective_state_dict(full), where).to(device)
+    options = cfg.diffusion.objective_options()
+    view = make_view(cfg.diffusion.objective, net, objective, options)
     conf = net.config
     seeds = list(range(num))
     num_classes = getattr(conf, "num_classes", 0)
     y = torch.tensor([s % num_classes for s in seeds], device=device) if num_classes else None
+    shape = (num, data_channels(cfg.diffusion.objective, options, conf.in_channels), conf.image_size, conf.image_size)
     with torch.no_grad():
-        images = ddim_sample(net, schedule, (num, conf.in_channels, conf.image_size, conf.image_size), seeds=seeds,
-                             y=y, parameterization=cfg.diffusion.parameterization, variance=cfg.diffusion.variance,
-                             device=device)
+        images = sample(view, OBJECTIVES[cfg.diffusion.objective].default_sampler, shape, seeds, steps=steps, y=y,
+                        device=device)
     png = image_grid_png(images, nrow=int(math.sqrt(num)))
     run = RunDir(cfg.train.run_dir)
     rel = f"samples/{images_seen:012d}.png"

@@ -15,12 +15,17 @@ import torch
 
 from pipeline.train.rundir import RunDir
 
-__all__ = ["MetricsLogger", "Progress", "image_grid_png", "quartile_of"]
+__all__ = ["MetricsLogger", "Progress", "image_grid_png", "quartile_of", "quartile_of_time"]
 
 
 def quartile_of(t_index: torch.Tensor, num_timesteps: int) -> torch.Tensor:
     """Timestep quartile 0..3 of each example (Improved DDPM fig. 2 plots the loss per quartile)."""
     return torch.clamp((t_index * 4) // num_timesteps, 0, 3)
+
+
+def quartile_of_time(time: torch.Tensor) -> torch.Tensor:
+    """Quartile 0..3 of each example's diffusion time in [0, 1] (discrete: t / T, as :func:`quartile_of`)."""
+    return torch.clamp(torch.floor(time.double() * 4), 0, 3).long()
 
 
 class MetricsLogger:

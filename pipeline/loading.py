@@ -1,0 +1,156 @@
+"""One way to load a trained model: ``(network, objective, config)`` from a run checkpoint or an export.
+
+    from pipeline.loading import load_model
+
+    m = load_model("runs/quickstart")                           # newest checkpoint, its first EMA
+    m = load_model("runs/quickstart", checkpoint=36000, ema_rate=0.999)
+    m = load_model("runs/quickstart/export/ema")                # an export folder
+    view = m.view()                                             # what pipeline.diffusion.sample drives
+
+A checkpoint's EMA is assembled from its per-rank slices (any ZeRO stage; no DeepSpeed, Ray or
+pickle); an export's weights are checked against the sha256 in its ``config.json``. The objective
+module is the registry's (``pipeline.diffusion.OBJECTIVES``) with its own trained parameters
+(VDM's learned schedule) when it has any. Everything in this project that loads a trained model
+(evaluation, ``launch/sample.py``, export, the training-time grid) goes through here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.config import DiffusionConfig, ExperimentConfig
+from pipeline.pretrained import CONFIG_FILE, load_pretrained, objective_from_state
+
+__all__ = [
+    "NET_PREFIX",
+    "OBJECTIVE_PREFIX",
+    "TrainedModel",
+    "is_export",
+    "load_checkpoint_model",
+    "load_model",
+    "network_from_state",
+    "network_state_dict",
+    "objective_from_state",
+    "objective_state_dict",
+]
+
+# The training module (pipeline.train.objective.TrainModule) holds the network as ``net`` and the
+# objective as ``objective``; EMA weights and checkpoints carry these prefixes.
+NET_PREFIX = "net."
+OBJECTIVE_PREFIX = "objective."
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    """A trained network in eval mode, its objective module and the configuration it was trained with."""
+
+    network: nn.Module
+    objective: nn.Module  # the registry's objective module, with its trained parameters (if any)
+    diffusion: DiffusionConfig
+    source: dict[str, Any]  # kind ('checkpoint' | 'export'), where, checkpoint, images seen, EMA rate
+    config: Any = None  # ExperimentConfig (checkpoint) or pipeline.pretrained.PretrainedConfig (export)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return int(getattr(self.network.config, "num_classes", 0) or 0)
+
+    def view(self, net=None):
+        """The sampling view of (network, objective); ``net`` replaces the network (e.g. guided)."""
+        from pipeline.diffusion.registry import make_view
+
+        return make_view(self.diffusion.objective, self.network if net is None else net, self.objective,
+                         self.diffusion.objective_options())
+
+
+def network_state_dict(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The bare network's ``state_dict`` from EMA weights (``net.`` prefix removed; weights of a bare
+    network, as some tools write, are returned unchanged)."""
+    if any(k.startswith(NET_PREFIX) for k in weights):
+        return {k[len(NET_PREFIX):]: v for k, v in weights.items() if k.startswith(NET_PREFIX)}
+    return dict(weights)
+
+
+def objective_state_dict(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The objective's own parameters (``objective.*`` EMA weights, prefix removed)."""
+    return {k[len(OBJECTIVE_PREFIX):]: v for k, v in weights.items() if k.startswith(OBJECTIVE_PREFIX)}
+
+
+def network_from_state(model: Any, state: dict[str, torch.Tensor], where: str) -> nn.Module:
+    """The network of ``model`` (a ModelConfig or its dict) with ``state`` loaded strictly, in eval mode."""
+    from pipeline.config import ModelConfig
+    from pipeline.models import build_model_from_config
+
+    cfg = model if isinstance(model, ModelConfig) else ModelConfig.model_validate(model)
+    with torch.random.fork_rng(devices=[]):  # initial values are replaced; leave the caller's RNG alone
+        torch.manual_seed(0)
+        network = build_model_from_config(cfg)
+    try:
+        network.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"{where}: its weights do not fit the configured network: "
+                         f"{str(exc).splitlines()[0]}") from None
+    return network.eval()
+
+
+def read_run_config(run_url: str) -> ExperimentConfig:
+    """The resolved config training saved as ``<run>/config.yaml``."""
+    import yaml
+
+    from pipeline.config import ConfigError, build_config
+    from pipeline.data import storage
+
+    saved = storage.join(run_url, "config.yaml")
+    if not storage.exists(saved):
+        raise ValueError(f"run: {run_url!r} has no config.yaml; is it a training run directory?")
+    try:
+        return build_config(yaml.safe_load(storage.read_bytes(saved)) or {})
+    except (yaml.YAMLError, ConfigError) as exc:
+        raise ValueError(f"run: {run_url!r}: config.yaml cannot be read: {exc}") from None
+
+
+def load_checkpoint_model(run_url: str, checkpoint: str | int = "latest", ema_rate: float | None = None, *,
+                          config: ExperimentConfig | None = None, device: str | torch.device = "cpu") -> TrainedModel:
+    """One EMA of a committed checkpoint of ``run_url`` (``config``: the run's, read when None)."""
+    from pipeline.train.checkpoint import load_ema_weights, resolve_checkpoint
+
+    cfg = config if config is not None else read_run_config(run_url)
+    ckpt = resolve_checkpoint(run_url, checkpoint)
+    weights, manifest = load_ema_weights(run_url, ckpt.images_seen, ema_rate)
+    where = f"checkpoint {ckpt.rel} of {run_url}"
+    network = network_from_state(cfg.model, network_state_dict(weights), where).to(device)
+    objective = objective_from_state(cfg.diffusion, objective_state_dict(weights), where).to(device)
+    rate = float(ema_rate if ema_rate is not None else manifest["ema"]["rates"][0])
+    source = {"kind": "checkpoint", "run": run_url, "checkpoint": ckpt.rel, "images_seen": ckpt.images_seen,
+              "ema_rate": rate}
+    return TrainedModel(network, objective, cfg.diffusion, source, cfg, {"checkpoint": ckpt})
+
+
+def is_export(path: str | Path) -> bool:
+    """Whether ``path`` is an export folder (has ``config.json``) rather than a run directory."""
+    return (Path(path) / CONFIG_FILE).is_file() and not (Path(path) / "config.yaml").is_file()
+
+
+def load_model(source: str | Path, *, checkpoint: str | int = "latest", ema_rate: float | None = None,
+               device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+               verify: bool = True) -> TrainedModel:
+    """A trained model from an export folder or a run directory (``checkpoint``/``ema_rate`` for a run)."""
+    if isinstance(source, Path) or not str(source).startswith("s3://"):
+        if is_export(source):
+            network, config = load_pretrained(source, device=device, dtype=dtype, verify=verify)
+            objective = config.objective
+            if objective is None:  # no parameters of its own (or an export made before they were written)
+                objective = objective_from_state(config.diffusion, {}, f"{source}/{CONFIG_FILE}").to(device)
+            src = {"kind": "export", "path": str(source), "images_seen": config.images_seen,
+                   "ema_rate": config.ema_rate}
+            return TrainedModel(network, objective, config.diffusion, src, config)
+    model = load_checkpoint_model(str(source), checkpoint, ema_rate, device=device)
+    if dtype != torch.float32:
+        model.network.to(dtype)
+        model.objective.to(dtype)
+    return model
