@@ -205,7 +205,7 @@ def objective_from_state(diffusion: DiffusionConfig | dict[str, Any], state: dic
         return objective.eval()
     if not state:
         raise ValueError(f"{where}: objective {d.objective!r} has trained parameters of its own (e.g. a learned "
-                         "noise schedule) but no objective weights were found (objective.safetensors; exports made "
+                         "noise schedule) but it holds no objective weights (objective.safetensors; exports made "
                          "before they were written lack them): export the run again with launch/export.py")
     try:
         objective.load_state_dict(state, strict=True)

@@ -347,8 +347,9 @@ def test_sample_cli_uses_the_objectives_samplers_and_a_classifier_run(trained, t
                     "--classifier-scale", "5", "--out", str(tmp_path / "guided")])
     assert rc == 0, text
     assert json.loads((tmp_path / "guided" / "samples.json").read_text())["classifier_scale"] == 5.0
-    rc, text = cli(["--model", str(tmp_path / "vp_sde"), "--sampler", "ddim", *common, "--out", str(tmp_path / "x")])
-    assert rc == 2 and "sampler: 'ddim' is not allowed for objective 'vp_sde'; allowed: pc, ode, heun" in text
+    rc, text = cli(["--model", str(tmp_path / "vp_sde"), "--sampler", "langevin", *common,
+                    "--out", str(tmp_path / "x")])
+    assert rc == 2 and "sampler: 'langevin' is not allowed for objective 'vp_sde'; allowed: pc, ode, heun" in text
     rc, text = cli(["--model", str(tmp_path / "ddpm"), *common, "--classifier-scale", "5", "--out", str(tmp_path / "y")])
     assert rc == 2 and "--classifier-scale: 5.0 needs --classifier-run" in text
 
