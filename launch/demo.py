@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     _stage("export the EMA weights (safetensors + config.json + model card)",
            ["launch/export.py", "--run", str(run), "--out", str(export), "--overwrite"])
     _stage("sample from the export alone (no DeepSpeed, no Ray)",
-           ["launch/sample.py", "--model", str(export), "--num", "64", "--sampler", "ddim", "--steps", "50",
+           ["launch/sample.py", "--model", str(export), "--num", "64",  # the run's evaluation sampler and steps
             "--out", str(run / "samples" / "from_export.png")])
 
     print("\nDemo finished. Look at:")

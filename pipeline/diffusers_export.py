@@ -107,10 +107,11 @@ def check_mappable(cfg, diffusion: DiffusionConfig | None = None) -> None:
             f"sinusoid has block_out_channels[0] dimensions (ours has base_channels)")
     _attention_head_dim(cfg)
     if diffusion is not None:
-        if diffusion.objective != "ddpm":
+        if diffusion.objective not in _scheduler_objectives():
             raise UnsupportedArchitectureError(
                 f"diffusion.objective: {diffusion.objective!r} has no DDPMScheduler counterpart; --format diffusers "
-                f"supports the discrete 'ddpm' objective (export the others with --format native)")
+                f"supports the discrete {' or '.join(map(repr, _scheduler_objectives()))} objective (export the others "
+                "with --format native)")
         if (diffusion.variance == "learned_range") != cfg.learn_sigma:
             raise UnsupportedArchitectureError(
                 f"diffusion.variance: {diffusion.variance!r} with learn_sigma={cfg.learn_sigma} is inconsistent")
@@ -254,13 +255,21 @@ def build_diffusers_unet(state: dict[str, torch.Tensor], cfg):
     return unet.eval()
 
 
+def _scheduler_objectives() -> tuple[str, ...]:
+    """The objectives a DDPMScheduler can sample: the generative discrete-time ones."""
+    from pipeline.diffusion.registry import OBJECTIVES
+
+    return tuple(n for n, s in OBJECTIVES.items() if s.discrete and s.generative)
+
+
 def scheduler_config(diffusion: DiffusionConfig) -> dict[str, Any]:
     """``DDPMScheduler(**config)`` for the training schedule: its betas exactly, its parameterisation."""
     from pipeline.diffusion.schedules import build_schedule, linear_betas
 
-    if diffusion.objective != "ddpm":
+    if diffusion.objective not in _scheduler_objectives():
         raise UnsupportedArchitectureError(
-            f"diffusion.objective: {diffusion.objective!r} has no DDPMScheduler counterpart; use 'ddpm'")
+            f"diffusion.objective: {diffusion.objective!r} has no DDPMScheduler counterpart; use "
+            f"{' or '.join(map(repr, _scheduler_objectives()))}")
     betas = build_schedule(diffusion.schedule, diffusion.timesteps).betas
     config: dict[str, Any] = {
         "num_train_timesteps": diffusion.timesteps,
