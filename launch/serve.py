@@ -112,6 +112,13 @@ def main(argv: list[str] | None = None) -> int:
     from evaluation.pool import ensure_ray
 
     ensure_ray(args.address)
+    if not (args.address or os.environ.get("RAY_ADDRESS")):  # the embedded Ray: what it has is all there is
+        have = ray.cluster_resources()
+        for name, per in (("CPU", args.cpus_per_replica), ("GPU", args.gpus_per_replica)):
+            if per and args.replicas * per > have.get(name, 0):
+                ray.shutdown()
+                return _fail(f"--replicas {args.replicas} x --{name.lower()}s-per-replica {per:g} needs "
+                             f"{args.replicas * per:g} {name}s; this machine's Ray has {have.get(name, 0):g}")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):  # Ray's driver would abort on SIGTERM: shut down cleanly
         signal.signal(sig, lambda *_: stop.set())
@@ -119,7 +126,11 @@ def main(argv: list[str] | None = None) -> int:
         serve.start(http_options={"host": args.host, "port": args.port,
                                   # the proxy's end-to-end limit: a backstop behind the replica's own timeout
                                   "request_timeout_s": args.timeout_s + 30})
-        serve.run(app, name=APP_NAME, route_prefix="/")
+        try:
+            serve.run(app, name=APP_NAME, route_prefix="/")
+        except Exception as exc:  # noqa: BLE001 - e.g. a replica could not load the model: Ray's message says why
+            print(f"error: the application did not start: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
+            return 1
         print(f"serving {args.model} ({info.objective}, samplers {', '.join(info.samplers)}) on "
               f"http://{args.host}:{args.port}: POST /generate, GET /healthz, GET /model", flush=True)
         stop.wait()
