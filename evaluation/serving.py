@@ -23,7 +23,7 @@ Batching: every image is one call of a :func:`ray.serve.batch` method, so concur
 drawn together, up to ``max_batch`` images. Images that share sampler, steps, eta and guidance
 scale run as one batch of the network whatever their labels; others wait for their own group.
 Each image's noise comes from its own seed, so an image does not depend on the batch it was drawn
-in (except sampler 'ode', whose adaptive steps are chosen per batch: its requests are never
+in (except a sampler with adaptive steps chosen per batch, the ODE solver: its requests are never
 batched with others).
 
 Bad requests get HTTP 400 and a one-line message; a request that runs past ``timeout_s`` gets
@@ -51,6 +51,8 @@ from typing import Any
 
 import numpy as np
 from ray import serve
+
+from pipeline.diffusion.registry import SAMPLERS
 
 __all__ = [
     "FIELDS",
@@ -127,13 +129,14 @@ class ModelInfo:
     default_sampler: str
     default_steps: int
     default_eta: float
-    timesteps: int = 0  # the discrete objective's trained steps: 'ddpm'/'ddim' keep at most these
+    timesteps: int = 0  # a discrete objective's trained steps: more sampler steps than these are refused
 
     @classmethod
     def from_document(cls, doc: dict[str, Any]) -> ModelInfo:
         from evaluation.model_sampling import OBJECTIVE_SAMPLERS
+        from pipeline.diffusion.registry import DEFAULT_OBJECTIVE, OBJECTIVES
 
-        objective = str(doc["diffusion"].get("objective", "ddpm"))
+        objective = str(doc["diffusion"].get("objective", DEFAULT_OBJECTIVE))
         if objective not in OBJECTIVE_SAMPLERS:
             allowed = ", ".join(sorted(OBJECTIVE_SAMPLERS))
             raise ValueError(f"model: objective {objective!r} has no sampler (a noisy classifier is not a generative "
@@ -142,9 +145,10 @@ class ModelInfo:
         names = doc.get("class_names")
         # the same defaults as launch/sample.py
         return cls(objective, OBJECTIVE_SAMPLERS[objective], int(doc["model"].get("num_classes", 0) or 0),
-                   tuple(names) if names else None, str(sampling.get("sampler", "ddim")),
+                   tuple(names) if names else None,
+                   str(sampling.get("sampler") or OBJECTIVES[objective].default_sampler),
                    int(sampling.get("steps", 50)), float(sampling.get("eta", 0.0)),
-                   int(doc["diffusion"].get("timesteps", 0)) if objective == "ddpm" else 0)
+                   int(doc["diffusion"].get("timesteps", 0)) if OBJECTIVES[objective].discrete else 0)
 
 
 @dataclass(frozen=True)
@@ -205,8 +209,7 @@ def parse_request(body: bytes, info: ModelInfo, limits: ServeLimits) -> Generate
     if sampler not in info.samplers:
         raise BadRequest(f"sampler: {sampler!r} is not allowed for objective {info.objective!r}; "
                          f"allowed: {', '.join(info.samplers)}")
-    most = min(limits.max_steps, info.timesteps) if info.timesteps and sampler in ("ddpm", "ddim") \
-        else limits.max_steps
+    most = min(limits.max_steps, info.timesteps) if info.timesteps else limits.max_steps
     steps = _integer(doc, "steps", info.default_steps, 1, most)
     eta = _number(doc, "eta", info.default_eta)
     guidance = _number(doc, "guidance_scale", 0.0)
@@ -256,11 +259,15 @@ def read_export_document(url: str) -> dict[str, Any]:
 
 def check_servable(doc: dict[str, Any], where: str) -> ModelInfo:
     """ModelInfo of an export, or ValueError for one that cannot sample (as ``launch/sample.py``)."""
+    from pipeline.config import DiffusionConfig
+    from pipeline.diffusion.registry import OBJECTIVES
+
     info = ModelInfo.from_document(doc)
-    options = doc["diffusion"].get("options") or {}
-    if info.objective == "vdm" and options.get("schedule", "learned") == "learned" and not doc.get("objective_weights"):
-        raise ValueError(f"model: {where!r} is a VDM with a learned noise schedule but the folder holds no objective "
-                         "weights (objective.safetensors); export the run again with launch/export.py")
+    diffusion = DiffusionConfig.model_validate(doc["diffusion"])
+    if OBJECTIVES[info.objective].has_parameters(diffusion.objective_options()) and not doc.get("objective_weights"):
+        raise ValueError(f"model: {where!r}: objective {info.objective!r} has trained parameters of its own (e.g. a "
+                         "learned noise schedule) but the folder holds no objective weights (objective.safetensors); "
+                         "export the run again with launch/export.py")
     return info
 
 
@@ -289,6 +296,7 @@ class ExportSampler:
     model: Any  # the network behind a deadline check
     config: Any  # pipeline.pretrained.PretrainedConfig
     device: str
+    objective: Any = None  # the registry's objective module with the export's parameters
     _fns: dict = field(default_factory=dict)
 
     def labels(self, seeds: Sequence[int], class_label: int | None) -> np.ndarray | None:
@@ -315,7 +323,7 @@ class ExportSampler:
                                        guidance_scale=request.guidance_scale)
             self._fns[key] = make_sample_fn(self.model, settings, device=self.device,
                                             diffusion=self.config.diffusion.model_dump(mode="json"),
-                                            objective=self.config.objective)
+                                            objective=self.objective)
         fn = self._fns[key]
         seeds_t = torch.as_tensor(np.asarray(seeds, np.int64))
         y = torch.as_tensor(labels, device=self.device) if labels is not None else None
@@ -329,10 +337,10 @@ class ExportSampler:
 
 def load_export_sampler(folder: str | Path, device: str = "cpu") -> ExportSampler:
     """The one seam between serving and the model code: load an export folder for sampling."""
-    from pipeline.pretrained import load_pretrained
+    from pipeline.loading import load_model
 
-    model, config = load_pretrained(folder, device=device)
-    return ExportSampler(_deadline_net(model), config, device)
+    loaded = load_model(folder, device=device)
+    return ExportSampler(_deadline_net(loaded.network), loaded.config, device, loaded.objective)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -528,7 +536,8 @@ class ExportServer:
         Returns (image, batch size) or the exception for each image."""
         groups: dict[Any, list[int]] = {}
         for i, im in enumerate(images):
-            key = im.request.group() if im.request.sampler != "ode" else (id(im.request),)
+            # a sampler with adaptive steps chosen per batch is never batched with other requests
+            key = im.request.group() if SAMPLERS[im.request.sampler].batch_exact else (id(im.request),)
             groups.setdefault(key, []).append(i)
         out: list[Any] = [None] * len(images)
         for members in groups.values():

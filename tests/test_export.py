@@ -295,9 +295,9 @@ def test_sample_cli_rejects_bad_requests(fake_export, tmp_path, capsys):
     rc, text = _cli(sample_cli, ["--model", str(fake_export), "--num", "2", "--class-label", "10",
                                  "--out", str(tmp_path / "a.png")], capsys)
     assert rc == 2 and "--class-label: 10 is not allowed; classes: 0..9" in text
-    rc, text = _cli(sample_cli, ["--model", str(fake_export), "--num", "2", "--sampler", "euler",
+    rc, text = _cli(sample_cli, ["--model", str(fake_export), "--num", "2", "--sampler", "euler_a",
                                  "--out", str(tmp_path / "a.png")], capsys)
-    assert rc == 2 and "sampler: 'euler' is not allowed" in text
+    assert rc == 2 and "sampler: 'euler_a' is not allowed" in text
     rc, text = _cli(sample_cli, ["--model", str(tmp_path / "missing"), "--num", "2", "--out", str(tmp_path / "a.png")],
                     capsys)
     assert rc == 2 and "does not exist" in text
