@@ -45,6 +45,10 @@ __all__ = [
     "check_bucket",
     "delete_prefix",
     "download_file",
+    "list_subdirs",
+    "move_file",
+    "sha256",
+    "sha256_file",
     "exists",
     "get_client",
     "is_s3",
@@ -519,6 +523,51 @@ def exists(url: str, settings: S3Settings | None = None) -> bool:
     with _S3Call(url, settings):
         resp = client.list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1)
     return bool(resp.get("KeyCount", 0))
+
+
+def list_subdirs(url: str, settings: S3Settings | None = None) -> list[str]:
+    """Names of the immediate sub-folders (S3: common prefixes) of the folder ``url`` (sorted)."""
+    url = _check_url(url)
+    if not is_s3(url):
+        root = Path(url)
+        return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    prefix = url.rstrip("/") + "/"
+    _, key = split_s3(prefix)
+    names = {p["Prefix"][len(key):].rstrip("/") for page in _iter_s3(prefix, settings, "/")
+             for p in page.get("CommonPrefixes", [])}
+    names.discard("")
+    return sorted(names)
+
+
+def move_file(path: str | os.PathLike, url: str, settings: S3Settings | None = None) -> None:
+    """Move a local file to ``url``: a rename on the local filesystem, an upload then unlink for S3."""
+    url = _check_url(url)
+    if not is_s3(url):
+        Path(url).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, url)
+        return
+    upload_file(path, url, settings)
+    os.unlink(path)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256(url: str, settings: S3Settings | None = None) -> str:
+    """Hex sha256 of the file/object at ``url``, streamed."""
+    url = _check_url(url)
+    if not is_s3(url):
+        return sha256_file(url)
+    h = hashlib.sha256()
+    with open_stream(url, settings) as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def delete_prefix(url: str, settings: S3Settings | None = None) -> int:

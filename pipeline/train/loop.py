@@ -20,6 +20,7 @@ import torch
 from pipeline.config import ExperimentConfig, config_to_yaml
 from pipeline.train import dist
 from pipeline.train.checkpoint import find_resume_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint
+from pipeline.train.data import model_labels
 from pipeline.train.ema import EMA
 from pipeline.train.engine import build_engine, global_batch, precision_dtype
 from pipeline.train.metrics import MetricsLogger, Progress, image_grid_png, quartile_of_time
@@ -89,76 +90,97 @@ def _device() -> torch.device:
 
 def train(cfg: ExperimentConfig) -> dict[str, Any]:
     """Train on this worker until ``cfg.train.total_images``; returns a summary (rank 0's view)."""
-    from pipeline.models import build_model_from_config
-    from pipeline.train.data import build_reader, model_labels
+    return _Trainer(cfg).run()
 
-    tc = cfg.train
-    rank, world = dist.rank(), dist.world_size()
-    device = _device()
-    if device.type == "cuda":
-        torch.cuda.set_device(device)  # DeepSpeed and nccl collectives use the current device
-    run = RunDir(tc.run_dir)
-    main = rank == 0
-    if main:
-        run.write_text("config.yaml", redacted_yaml(cfg))
 
-    # Identical initial weights on every rank (ZeRO-3 partitions each rank's own copy).
-    torch.manual_seed(tc.seed)
-    net = build_model_from_config(cfg.model)
-    module = TrainModule(net, cfg.diffusion)
-    engine = build_engine(module, tc, world)
-    # Dropout draws from the global generator: a per-rank stream, checkpointed with the run.
-    torch.manual_seed(stream_seed(tc.seed, rank, -1, 0))
-    ema = EMA(engine.module, tc.ema_rates, rank, world, warmup=tc.ema_warmup)
-    sampler = getattr(module.objective, "importance", None)  # Improved DDPM's importance-sampled t
-    reader = build_reader(cfg, rank, world)
-    gbatch = global_batch(tc, world)
+def _crossed(now: int, before: int, every: int) -> bool:
+    """Whether a multiple of ``every`` images lies in (before, now]."""
+    return now // every > before // every
 
-    images_seen, step, consecutive_bad, skipped_total, overflow_total = 0, 0, 0, 0, 0
-    ckpt = _resume_target(cfg)
-    if ckpt is not None:
+
+class _Trainer:
+    """One worker's training run: setup, resume, optimizer steps, and what happens at step boundaries.
+
+    Counters and the data cursor are checkpointed, so a resumed run continues the same stream.
+    """
+
+    def __init__(self, cfg: ExperimentConfig):
+        from pipeline.models import build_model_from_config
+        from pipeline.train.data import build_reader
+
+        self.cfg, tc = cfg, cfg.train
+        self.rank, world = dist.rank(), dist.world_size()
+        self.device = _device()
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # DeepSpeed and nccl collectives use the current device
+        self.run_dir = RunDir(tc.run_dir)
+        self.main = self.rank == 0
+        if self.main:
+            self.run_dir.write_text("config.yaml", redacted_yaml(cfg))
+        # Identical initial weights on every rank (ZeRO-3 partitions each rank's own copy).
+        torch.manual_seed(tc.seed)
+        net = build_model_from_config(cfg.model)
+        self.module = TrainModule(net, cfg.diffusion)
+        self.engine = build_engine(self.module, tc, world)
+        # Dropout draws from the global generator: a per-rank stream, checkpointed with the run.
+        torch.manual_seed(stream_seed(tc.seed, self.rank, -1, 0))
+        self.ema = EMA(self.engine.module, tc.ema_rates, self.rank, world, warmup=tc.ema_warmup)
+        self.sampler = getattr(self.module.objective, "importance", None)  # Improved DDPM's importance-sampled t
+        self.reader = build_reader(cfg, self.rank, world)
+        self.gbatch = global_batch(tc, world)
+        self.num_classes = int(getattr(getattr(net, "config", None), "num_classes", 0) or 0)
+        self.images_seen = self.step = self.consecutive_bad = self.skipped_total = self.overflow_total = 0
+        self._resume()
+        self.logger = MetricsLogger(tc.run_dir, enabled=self.main)
+        self.progress = Progress(tc.total_images, self.images_seen, enabled=self.main)
+        dtype = precision_dtype(tc.precision)
+        self.autocast = torch.autocast(self.device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+        self.acc = _Accumulator()
+        self.last_log_time, self.last_log_images = time.perf_counter(), self.images_seen
+        self.last_ckpt = self.images_seen
+
+    def _resume(self) -> None:
+        cfg = self.cfg
+        ckpt = _resume_target(cfg)
+        if ckpt is None:
+            return
         if ckpt.manifest.get("model_hash") not in (None, model_hash(cfg)):
             raise ValueError(f"train.resume: checkpoint {ckpt.rel} was trained with a different model or "
                              f"diffusion configuration; start a new run_dir or set train.resume=never")
-        if ckpt.manifest.get("config_hash") != config_hash(cfg) and main:
+        if ckpt.manifest.get("config_hash") != config_hash(cfg) and self.main:
             log.warning("resuming %s with a changed configuration (config hash differs)", ckpt.rel)
-        state = load_checkpoint(engine, tc.run_dir, ckpt, ema)
-        images_seen, step = state["images_seen"], state["step"]
-        reader.load_state_dict(state["rank_state"]["data"])
+        state = load_checkpoint(self.engine, cfg.train.run_dir, ckpt, self.ema)
+        self.images_seen, self.step = state["images_seen"], state["step"]
+        self.reader.load_state_dict(state["rank_state"]["data"])
         shared = state["shared_state"]
-        skipped_total = int(shared.get("skipped_steps", 0))
-        overflow_total = int(shared.get("overflow_steps", 0))
-        if sampler is not None and shared.get("importance_sampler") is not None:
-            sampler.load_state_dict(shared["importance_sampler"])
-        if main:
-            print(f"resumed from {run.join(ckpt.rel)} at {images_seen} images (step {step})", flush=True)
+        self.skipped_total = int(shared.get("skipped_steps", 0))
+        self.overflow_total = int(shared.get("overflow_steps", 0))
+        if self.sampler is not None and shared.get("importance_sampler") is not None:
+            self.sampler.load_state_dict(shared["importance_sampler"])
+        if self.main:
+            print(f"resumed from {self.run_dir.join(ckpt.rel)} at {self.images_seen} images (step {self.step})",
+                  flush=True)
 
-    logger = MetricsLogger(tc.run_dir, enabled=main)
-    progress = Progress(tc.total_images, images_seen, enabled=main)
-    dtype = precision_dtype(tc.precision)
-    autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext())
-    num_classes = int(getattr(getattr(net, "config", None), "num_classes", 0) or 0)
-    acc = _Accumulator()
-    last_log_time, last_log_images = time.perf_counter(), images_seen
-    batches = iter(reader)
-
-    def checkpoint() -> None:
-        shared = {"skipped_steps": skipped_total, "overflow_steps": overflow_total,
-                  "importance_sampler": sampler.state_dict() if sampler is not None else None}
-        save_checkpoint(engine, tc.run_dir, images_seen=images_seen, step=step, ema=ema,
-                        rank_state={"data": reader.state_dict()}, shared_state=shared,
-                        config_hash=config_hash(cfg), model_hash=model_hash(cfg),
+    def checkpoint(self) -> None:
+        tc = self.cfg.train
+        shared = {"skipped_steps": self.skipped_total, "overflow_steps": self.overflow_total,
+                  "importance_sampler": self.sampler.state_dict() if self.sampler is not None else None}
+        save_checkpoint(self.engine, tc.run_dir, images_seen=self.images_seen, step=self.step, ema=self.ema,
+                        rank_state={"data": self.reader.state_dict()}, shared_state=shared,
+                        config_hash=config_hash(self.cfg), model_hash=model_hash(self.cfg),
                         keep_last=tc.keep_last, keep_every=tc.keep_every_images)
 
-    last_ckpt = images_seen
-    while images_seen < tc.total_images:
+    def optimizer_step(self, batches) -> bool:
+        """One optimizer step over ``grad_accum`` micro-batches; True when a loss was not finite."""
+        tc, engine = self.cfg.train, self.engine
         bad_step = False
         for micro in range(tc.grad_accum):
             x0, labels = next(batches)
-            x0 = x0.to(device, non_blocking=True)
-            gen = torch.Generator(device=device).manual_seed(stream_seed(tc.seed, rank, images_seen, micro))
-            y = model_labels(labels.to(device), num_classes, cfg.diffusion.label_dropout, gen)
-            with autocast:
+            x0 = x0.to(self.device, non_blocking=True)
+            gen = torch.Generator(device=self.device).manual_seed(
+                stream_seed(tc.seed, self.rank, self.images_seen, micro))
+            y = model_labels(labels.to(self.device), self.num_classes, self.cfg.diffusion.label_dropout, gen)
+            with self.autocast:
                 out = engine(x0, y, gen)
             losses = out.loss.float()
             weighted = losses * out.weight if out.weight is not None else losses
@@ -179,54 +201,71 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
                     p.grad = None
             engine.step()
             if all_finite:
-                acc.add(losses.detach(), quartile_of_time(out.time) if out.time is not None else None)
-                if sampler is not None:
-                    _update_sampler(sampler, out.t_index, losses.detach())
-        images_seen += gbatch
-        step += 1
+                self.acc.add(losses.detach(), quartile_of_time(out.time) if out.time is not None else None)
+                if self.sampler is not None:
+                    _update_sampler(self.sampler, out.t_index, losses.detach())
+        return bad_step
+
+    def count_step(self, bad_step: bool) -> None:
+        """Advance the counters and the EMA; stop after too many non-finite steps in a row."""
+        tc = self.cfg.train
+        self.images_seen += self.gbatch
+        self.step += 1
         if bad_step:
-            skipped_total += 1
-            consecutive_bad += 1
-        elif _step_applied(engine):
-            ema.update()
-            consecutive_bad = 0
+            self.skipped_total += 1
+            self.consecutive_bad += 1
+        elif _step_applied(self.engine):
+            self.ema.update()
+            self.consecutive_bad = 0
         else:
             # Finite loss, overflowing fp16 gradients: DeepSpeed skipped the step and lowered the
             # loss scale. Counted apart; a streak of these is the loss scaler's normal search.
-            overflow_total += 1
-        if bad_step and consecutive_bad > tc.max_consecutive_nonfinite:
-            logger.close()
-            progress.close()
+            self.overflow_total += 1
+        if bad_step and self.consecutive_bad > tc.max_consecutive_nonfinite:
+            self.logger.close()
+            self.progress.close()
             raise NonFiniteLossError(
-                f"{consecutive_bad} consecutive optimizer steps had a non-finite loss or gradient "
-                f"(limit train.max_consecutive_nonfinite={tc.max_consecutive_nonfinite}) at {images_seen} "
+                f"{self.consecutive_bad} consecutive optimizer steps had a non-finite loss or gradient "
+                f"(limit train.max_consecutive_nonfinite={tc.max_consecutive_nonfinite}) at {self.images_seen} "
                 f"images; training stopped. The last good checkpoint is the newest under "
-                f"{run.join('checkpoints')}; lower train.lr or use precision=bf16/fp32")
-        progress.update(gbatch, loss=acc.last_loss)
-        if images_seen // tc.log_every_images > (images_seen - gbatch) // tc.log_every_images \
-                or images_seen >= tc.total_images:
-            now = time.perf_counter()
-            scalars = acc.reduce_and_reset()
-            scalars.update(lr=engine.get_lr()[0], grad_norm=_grad_norm(engine), loss_scale=_loss_scale(engine),
-                           images_per_s=(images_seen - last_log_images) / max(now - last_log_time, 1e-9),
-                           skipped_steps=skipped_total, overflow_steps=overflow_total, step=step)
-            logger.log(images_seen, scalars)
-            last_log_time, last_log_images = now, images_seen
-        if tc.sample_every_images and images_seen // tc.sample_every_images > \
-                (images_seen - gbatch) // tc.sample_every_images:
-            write_sample_grid(cfg, ema, images_seen)
-        if images_seen // tc.checkpoint_every_images > last_ckpt // tc.checkpoint_every_images \
-                or images_seen >= tc.total_images:
-            checkpoint()
-            logger.flush()
-            last_ckpt = images_seen
-    if tc.sample_every_images and images_seen % tc.sample_every_images and images_seen > 0:
-        write_sample_grid(cfg, ema, images_seen)
-    progress.close()
-    logger.close()
-    return {"images_seen": images_seen, "step": step, "skipped_steps": skipped_total,
-            "overflow_steps": overflow_total,
-            "run_dir": tc.run_dir}
+                f"{self.run_dir.join('checkpoints')}; lower train.lr or use precision=bf16/fp32")
+
+    def log_point(self) -> None:
+        now = time.perf_counter()
+        scalars = self.acc.reduce_and_reset()
+        scalars.update(lr=self.engine.get_lr()[0], grad_norm=_grad_norm(self.engine),
+                       loss_scale=_loss_scale(self.engine),
+                       images_per_s=(self.images_seen - self.last_log_images) / max(now - self.last_log_time, 1e-9),
+                       skipped_steps=self.skipped_total, overflow_steps=self.overflow_total, step=self.step)
+        self.logger.log(self.images_seen, scalars)
+        self.last_log_time, self.last_log_images = now, self.images_seen
+
+    def at_boundary(self) -> None:
+        """Logging, sample grids and checkpoints due at the step that just ended."""
+        tc, seen, before = self.cfg.train, self.images_seen, self.images_seen - self.gbatch
+        done = seen >= tc.total_images
+        self.progress.update(self.gbatch, loss=self.acc.last_loss)
+        if _crossed(seen, before, tc.log_every_images) or done:
+            self.log_point()
+        if tc.sample_every_images and _crossed(seen, before, tc.sample_every_images):
+            write_sample_grid(self.cfg, self.ema, seen)
+        if _crossed(seen, self.last_ckpt, tc.checkpoint_every_images) or done:
+            self.checkpoint()
+            self.logger.flush()
+            self.last_ckpt = seen
+
+    def run(self) -> dict[str, Any]:
+        tc = self.cfg.train
+        batches = iter(self.reader)
+        while self.images_seen < tc.total_images:
+            self.count_step(self.optimizer_step(batches))
+            self.at_boundary()
+        if tc.sample_every_images and self.images_seen % tc.sample_every_images and self.images_seen > 0:
+            write_sample_grid(self.cfg, self.ema, self.images_seen)
+        self.progress.close()
+        self.logger.close()
+        return {"images_seen": self.images_seen, "step": self.step, "skipped_steps": self.skipped_total,
+                "overflow_steps": self.overflow_total, "run_dir": tc.run_dir}
 
 
 def _resume_target(cfg: ExperimentConfig):
