@@ -195,44 +195,10 @@ def evaluate_checkpoint(
     timings["sampling_s"] = time.perf_counter() - start
     npz_url = write_openai_npz(out_url, ev.num_samples, ev.samples_per_shard) if ev.write_npz else None
 
-    metrics: dict[str, Any] = {}
-    skipped: dict[str, str] = {}
-    reference: ReferenceFeatures | None = None
+    metrics, skipped, reference = _compute_metrics(cfg, run_url, ckpt, ema_rate, out_url, source, wanted,
+                                                   custom=sample_fn_builder is not None, timings=timings,
+                                                   progress=progress, ray_address=ray_address)
     reference_url = ev.reference_url or cfg.data.url
-    if source is not None:
-        if "is" in wanted and not source.has_logits:
-            skipped["is"] = f"feature extractor {source.name} ({source.weights_path}) has no classifier logits"
-            wanted = tuple(m for m in wanted if m != "is")
-        start = time.perf_counter()
-        if any(m in wanted for m in ("fid", "pr", "kid")):
-            reference = reference_features(
-                reference_url, source, ev.reference_cache, ev.reference_max_images,
-                resolution=_model_resolution(cfg) if sample_fn_builder is None else None, num_workers=ev.num_workers,
-                cpus_per_worker=ev.cpus_per_worker, gpus_per_worker=ev.gpus_per_worker, batch_size=ev.batch_size,
-                timeout_s=ev.worker_timeout_s, progress=progress, ray_address=ray_address,
-            )
-        timings["reference_s"] = time.perf_counter() - start
-        start = time.perf_counter()
-        generated = _generated_features(out_url, ev, source, progress, ray_address)
-        timings["features_s"] = time.perf_counter() - start
-        start = time.perf_counter()
-        metrics.update(compute_metrics(
-            generated, reference.features if reference else {}, reference.stats if reference else None,
-            metrics=wanted, pr_k=ev.pr_k, kid_subsets=ev.kid_subsets, kid_subset_size=ev.kid_subset_size,
-            is_splits=ev.is_splits,
-        ))
-        timings["metrics_s"] = time.perf_counter() - start
-    if "bpd" in ev.metrics:
-        start = time.perf_counter()
-        metrics.update(bits_per_dim(
-            CheckpointModel(run_url, ckpt.images_seen, ema_rate, model, diffusion), ev.bpd_url or cfg.data.url,
-            max_images=ev.bpd_max_images, eval_seed=ev.seed, batch_size=ev.batch_size, num_workers=ev.num_workers,
-            cpus_per_worker=ev.cpus_per_worker, gpus_per_worker=ev.gpus_per_worker, timeout_s=ev.worker_timeout_s,
-            progress=progress,
-            ray_address=ray_address,
-        ))
-        timings["bpd_s"] = time.perf_counter() - start
-
     record = {
         "run": run_url,
         "checkpoint": {"name": ckpt.rel.rsplit("/", 1)[-1], "path": ckpt.rel, "images_seen": ckpt.images_seen,
@@ -262,6 +228,53 @@ def evaluate_checkpoint(
     }
     _record(run_url, out_url, record)
     return EvalResult(out_url, record)
+
+
+def _compute_metrics(cfg: ExperimentConfig, run_url: str, ckpt: Checkpoint, ema_rate: float, out_url: str,
+                     source: ExtractorSource | None, wanted: tuple[str, ...], *, custom: bool,
+                     timings: dict[str, float], progress: bool, ray_address: str | None):
+    """(metrics, skipped metrics with why, reference features or None, extractor) of the sample shards."""
+    ev = cfg.eval
+    model = cfg.model.model_dump(mode="json")
+    diffusion = cfg.diffusion.model_dump(mode="json")
+    metrics: dict[str, Any] = {}
+    skipped: dict[str, str] = {}
+    reference: ReferenceFeatures | None = None
+    reference_url = ev.reference_url or cfg.data.url
+    if source is not None:
+        if "is" in wanted and not source.has_logits:
+            skipped["is"] = f"feature extractor {source.name} ({source.weights_path}) has no classifier logits"
+            wanted = tuple(m for m in wanted if m != "is")
+        start = time.perf_counter()
+        if any(m in wanted for m in ("fid", "pr", "kid")):
+            reference = reference_features(
+                reference_url, source, ev.reference_cache, ev.reference_max_images,
+                resolution=None if custom else _model_resolution(cfg), num_workers=ev.num_workers,
+                cpus_per_worker=ev.cpus_per_worker, gpus_per_worker=ev.gpus_per_worker, batch_size=ev.batch_size,
+                timeout_s=ev.worker_timeout_s, progress=progress, ray_address=ray_address,
+            )
+        timings["reference_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        generated = _generated_features(out_url, ev, source, progress, ray_address)
+        timings["features_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        metrics.update(compute_metrics(
+            generated, reference.features if reference else {}, reference.stats if reference else None,
+            metrics=wanted, pr_k=ev.pr_k, kid_subsets=ev.kid_subsets, kid_subset_size=ev.kid_subset_size,
+            is_splits=ev.is_splits,
+        ))
+        timings["metrics_s"] = time.perf_counter() - start
+    if "bpd" in ev.metrics:
+        start = time.perf_counter()
+        metrics.update(bits_per_dim(
+            CheckpointModel(run_url, ckpt.images_seen, ema_rate, model, diffusion), ev.bpd_url or cfg.data.url,
+            max_images=ev.bpd_max_images, eval_seed=ev.seed, batch_size=ev.batch_size, num_workers=ev.num_workers,
+            cpus_per_worker=ev.cpus_per_worker, gpus_per_worker=ev.gpus_per_worker, timeout_s=ev.worker_timeout_s,
+            progress=progress,
+            ray_address=ray_address,
+        ))
+        timings["bpd_s"] = time.perf_counter() - start
+    return metrics, skipped, reference
 
 
 def _record(run_url: str, out_url: str, record: dict[str, Any]) -> None:

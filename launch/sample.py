@@ -76,72 +76,103 @@ def _fail(message: str) -> int:
     return 2
 
 
+def check_args(args: argparse.Namespace) -> str | None:
+    """The first problem with the arguments, or None."""
+    if args.num < 1:
+        return f"--num: {args.num} is not allowed; it must be >= 1"
+    if args.batch_size < 1:
+        return f"--batch-size: {args.batch_size} is not allowed; it must be >= 1"
+    if args.guidance_scale < 0:
+        return f"--guidance-scale: {args.guidance_scale} is not allowed; it must be >= 0"
+    if args.classifier_scale < 0:
+        return f"--classifier-scale: {args.classifier_scale} is not allowed; it must be >= 0"
+    if args.classifier_scale and not args.classifier_run:
+        return f"--classifier-scale: {args.classifier_scale} needs --classifier-run"
+    if args.seed < 0:
+        return f"--seed: {args.seed} is not allowed; it must be >= 0"
+    out = Path(args.out)
+    if out.exists() and (out.suffix.lower() == ".png" or any(out.iterdir())) and not args.overwrite:
+        return f"--out: {args.out!r} exists; pass --overwrite to replace it"
+    return None
+
+
+def build_sampler(args: argparse.Namespace, device: str):
+    """``(sample_fn, settings, class names)`` for the export and flags (ValueError on bad input)."""
+    from evaluation.model_sampling import SamplerSettings, check_classifier_fits, load_classifier, make_sample_fn
+    from pipeline.diffusion.registry import OBJECTIVES
+    from pipeline.loading import load_model
+
+    loaded = load_model(args.model, device=device)
+    config = loaded.config
+    defaults = config.sampling
+    default_sampler = defaults.get("sampler") or OBJECTIVES[loaded.diffusion.objective].default_sampler
+    options = {k: v for k, v in defaults.items()
+               if k in SamplerSettings.__dataclass_fields__ and k not in ("sampler", "steps", "eta")}
+    settings = SamplerSettings(args.sampler or default_sampler,
+                               args.steps if args.steps is not None else int(defaults.get("steps", 50)),
+                               args.eta if args.eta is not None else float(defaults.get("eta", 0.0)),
+                               guidance_scale=args.guidance_scale, classifier_scale=args.classifier_scale,
+                               class_label=args.class_label, **options)
+    diffusion = loaded.diffusion.model_dump(mode="json")
+    if args.guidance_scale and not config.num_classes:
+        raise ValueError(f"--guidance-scale: {args.guidance_scale} is not allowed for an unconditional model")
+    classifier = None
+    if args.classifier_run and args.classifier_scale:
+        classifier, classifier_diffusion, _ = load_classifier(args.classifier_run)
+        check_classifier_fits(diffusion, classifier_diffusion)
+    num_classes = config.num_classes or (classifier.config.num_classes if classifier is not None else 0)
+    if args.class_label is not None and not (num_classes and 0 <= args.class_label < num_classes):
+        allowed = f"0..{num_classes - 1}" if num_classes else "none: the model is unconditional"
+        raise ValueError(f"--class-label: {args.class_label} is not allowed; classes: {allowed}")
+    if args.guidance_scale and config.num_classes and not loaded.diffusion.label_dropout:
+        print("warning: the model was trained without label dropout (diffusion.label_dropout=0); its null "
+              "class is untrained and guidance will not behave as intended", file=sys.stderr)
+    sample_fn = make_sample_fn(loaded.network, settings, device=device, diffusion=diffusion,
+                               objective=loaded.objective, classifier=classifier)
+    return sample_fn, settings, config.class_names
+
+
+def write_images(args: argparse.Namespace, images, labels: list[int], seeds, settings, names) -> None:
+    """One grid PNG (``--out`` ending in .png), or one PNG per image plus samples.json."""
+    out = Path(args.out)
+    if out.suffix.lower() == ".png":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _to_pil(grid(images, nrow=math.ceil(math.sqrt(args.num)))).save(out)
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    for i, img in enumerate(images):
+        _to_pil(img).save(out / f"{i:06d}.png")
+        rec = {"index": i, "file": f"{i:06d}.png", "seed": int(seeds[i])}
+        if labels:
+            rec["label"] = labels[i]
+            if names:
+                rec["class_name"] = names[labels[i]]
+        records.append(rec)
+    info = {"model": str(args.model), "sampler": settings.as_dict(), "guidance_scale": args.guidance_scale,
+            "classifier_run": args.classifier_run, "classifier_scale": args.classifier_scale,
+            "class_label": args.class_label, "seed": args.seed,
+            "seed_rule": "image i uses evaluation.seeds.sample_seed(seed, i)", "images": records}
+    (out / "samples.json").write_text(json.dumps(info, indent=1) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.num < 1:
-        return _fail(f"--num: {args.num} is not allowed; it must be >= 1")
-    if args.batch_size < 1:
-        return _fail(f"--batch-size: {args.batch_size} is not allowed; it must be >= 1")
-    if args.guidance_scale < 0:
-        return _fail(f"--guidance-scale: {args.guidance_scale} is not allowed; it must be >= 0")
-    if args.classifier_scale < 0:
-        return _fail(f"--classifier-scale: {args.classifier_scale} is not allowed; it must be >= 0")
-    if args.classifier_scale and not args.classifier_run:
-        return _fail(f"--classifier-scale: {args.classifier_scale} needs --classifier-run")
-    if args.seed < 0:
-        return _fail(f"--seed: {args.seed} is not allowed; it must be >= 0")
-    out = Path(args.out)
-    as_grid = out.suffix.lower() == ".png"
-    if out.exists() and (as_grid or any(out.iterdir())) and not args.overwrite:
-        return _fail(f"--out: {args.out!r} exists; pass --overwrite to replace it")
+    problem = check_args(args)
+    if problem:
+        return _fail(problem)
 
     import numpy as np
     import torch
     from tqdm.auto import tqdm
 
-    from evaluation.model_sampling import (
-        SamplerSettings,
-        check_classifier_fits,
-        load_classifier,
-        make_sample_fn,
-    )
     from evaluation.seeds import sample_seeds
-    from pipeline.diffusion.registry import OBJECTIVES
-    from pipeline.loading import load_model
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        loaded = load_model(args.model, device=device)
-        config = loaded.config
-        defaults = config.sampling
-        default_sampler = defaults.get("sampler") or OBJECTIVES[loaded.diffusion.objective].default_sampler
-        settings = SamplerSettings(args.sampler or default_sampler,
-                                   args.steps if args.steps is not None else int(defaults.get("steps", 50)),
-                                   args.eta if args.eta is not None else float(defaults.get("eta", 0.0)),
-                                   guidance_scale=args.guidance_scale, classifier_scale=args.classifier_scale,
-                                   class_label=args.class_label,
-                                   **{k: v for k, v in defaults.items()
-                                      if k in SamplerSettings.__dataclass_fields__ and k not in ("sampler", "steps",
-                                                                                               "eta")})
-        diffusion = loaded.diffusion.model_dump(mode="json")
-        if args.guidance_scale and not config.num_classes:
-            return _fail(f"--guidance-scale: {args.guidance_scale} is not allowed for an unconditional model")
-        classifier = None
-        if args.classifier_run and args.classifier_scale:
-            classifier, classifier_diffusion, _ = load_classifier(args.classifier_run)
-            check_classifier_fits(diffusion, classifier_diffusion)
-        num_classes = config.num_classes or (classifier.config.num_classes if classifier is not None else 0)
-        if args.class_label is not None and not (num_classes and 0 <= args.class_label < num_classes):
-            allowed = f"0..{num_classes - 1}" if num_classes else "none: the model is unconditional"
-            return _fail(f"--class-label: {args.class_label} is not allowed; classes: {allowed}")
-        if args.guidance_scale and config.num_classes and not config.diffusion.label_dropout:
-            print("warning: the model was trained without label dropout (diffusion.label_dropout=0); its null "
-                  "class is untrained and guidance will not behave as intended", file=sys.stderr)
-        sample_fn = make_sample_fn(loaded.network, settings, device=device, diffusion=diffusion,
-                                   objective=loaded.objective, classifier=classifier)
+        sample_fn, settings, names = build_sampler(args, device)
     except ValueError as exc:
         return _fail(str(exc))
-
     indices = np.arange(args.num)
     seeds = sample_seeds(args.seed, indices)
     images, labels = [], []
@@ -152,28 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         images.append(batch)
         if batch_labels is not None:
             labels.extend(int(v) for v in batch_labels)
-    images = np.concatenate(images)
-    names = config.class_names
-    if as_grid:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        _to_pil(grid(images, nrow=math.ceil(math.sqrt(args.num)))).save(out)
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        records = []
-        for i, img in enumerate(images):
-            _to_pil(img).save(out / f"{i:06d}.png")
-            rec = {"index": i, "file": f"{i:06d}.png", "seed": int(seeds[i])}
-            if labels:
-                rec["label"] = labels[i]
-                if names:
-                    rec["class_name"] = names[labels[i]]
-            records.append(rec)
-        info = {"model": str(args.model), "sampler": settings.as_dict(), "guidance_scale": args.guidance_scale,
-                "classifier_run": args.classifier_run, "classifier_scale": args.classifier_scale,
-                "class_label": args.class_label, "seed": args.seed,
-                "seed_rule": "image i uses evaluation.seeds.sample_seed(seed, i)", "images": records}
-        (out / "samples.json").write_text(json.dumps(info, indent=1) + "\n")
-    print(f"wrote {args.num} images to {out}")
+    write_images(args, np.concatenate(images), labels, seeds, settings, names)
+    print(f"wrote {args.num} images to {args.out}")
     return 0
 
 

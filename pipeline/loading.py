@@ -141,6 +141,9 @@ def load_model(source: str | Path, *, checkpoint: str | int = "latest", ema_rate
                verify: bool = True) -> TrainedModel:
     """A trained model from an export folder or a run directory (``checkpoint``/``ema_rate`` for a run)."""
     if isinstance(source, Path) or not str(source).startswith("s3://"):
+        if not Path(source).is_dir():
+            raise ValueError(f"model: {str(source)!r} does not exist or is not a folder; expected an export folder "
+                             "(launch/export.py) or a training run directory")
         if is_export(source):
             network, config = load_pretrained(source, device=device, dtype=dtype, verify=verify)
             objective = config.objective

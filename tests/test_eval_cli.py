@@ -41,7 +41,7 @@ def test_bad_flag_value_exits_2(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.yaml").write_text(config_to_yaml(make_config("d", tmp_path)))
-    out = run_cli(["--run", str(run), "--sampler", "euler"])
+    out = run_cli(["--run", str(run), "--sampler", "euler_a"])
     assert out.returncode == 2 and "eval.sampler" in out.stderr
 
 
