@@ -87,7 +87,7 @@ def guidance_provenance(cfg: ExperimentConfig) -> tuple[dict[str, Any], dict[str
     ckpt = resolve_checkpoint(ev.classifier_run, ev.classifier_checkpoint)
     rate = _ema_rate(EvalConfig(ema_rate=ev.classifier_ema_rate), ckpt)
     record["classifier"] = {"run": ev.classifier_run, "checkpoint": ckpt.rel, "images_seen": ckpt.images_seen,
-                            "ema_rate": rate, "config_hash": ckpt.manifest.get("config_hash")}
+                            "ema_rate": rate, "config_hash": ckpt.config_hash}
     return record, {"run_url": ev.classifier_run, "checkpoint": ckpt.images_seen, "ema_rate": rate}
 
 
@@ -102,7 +102,7 @@ def evaluation_url(run_url: str, checkpoint: Checkpoint, name: str) -> str:
 
 
 def _ema_rate(cfg: EvalConfig, checkpoint: Checkpoint) -> float:
-    rates = [float(r) for r in checkpoint.manifest.get("ema", {}).get("rates", [])]
+    rates = checkpoint.ema_rates
     if not rates:
         raise ValueError(f"checkpoint {checkpoint.rel} records no EMA rates")
     if cfg.ema_rate is None:
@@ -201,8 +201,8 @@ def evaluate_checkpoint(
     reference_url = ev.reference_url or cfg.data.url
     record = {
         "run": run_url,
-        "checkpoint": {"name": ckpt.rel.rsplit("/", 1)[-1], "path": ckpt.rel, "images_seen": ckpt.images_seen,
-                       "step": ckpt.manifest.get("step"), "config_hash": ckpt.manifest.get("config_hash")},
+        "checkpoint": {"name": ckpt.name, "path": ckpt.rel, "images_seen": ckpt.images_seen,
+                       "step": ckpt.step, "config_hash": ckpt.config_hash},
         "ema_rate": ema_rate,
         "name": name,
         "sampler": settings.as_dict() if sample_fn_builder is None else {"custom": _describe(sample_fn_builder)},

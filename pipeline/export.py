@@ -98,8 +98,8 @@ class ExportResult:
 
 
 def _verify_ema_files(run: RunDir, ckpt: Checkpoint) -> None:
-    files = ckpt.manifest.get("files", {})
-    for name in ckpt.manifest.get("ema", {}).get("files", []):
+    files = ckpt.files
+    for name in ckpt.ema_files:
         meta = files.get(name)
         if meta is None:  # manifests that list no checksums
             continue
@@ -120,7 +120,7 @@ def gather_export(run_url: str, checkpoint: str | int = "latest", ema_rate: floa
     cfg = load_run_config(run_url)
     if ema_rate is None:
         ema_rate = cfg.export.ema_rate
-    rates = [float(r) for r in ckpt.manifest.get("ema", {}).get("rates", [])]
+    rates = ckpt.ema_rates
     if ema_rate is not None and not any(abs(r - float(ema_rate)) < 1e-12 for r in rates):
         raise ValueError(f"ema rate: {ema_rate!r} is not held by checkpoint {ckpt.rel} of run {run_url!r}; "
                          f"it holds {rates}")
@@ -252,15 +252,15 @@ def export_document(src: ExportSource, weights_file: str, weights_sha256: str, w
                      **sampler_options(cfg.eval.sampler, cfg.eval.model_dump()).model_dump()},
         "ema_rate": src.ema_rate,
         "images_seen": ck.images_seen,
-        "step": ck.manifest.get("step"),
+        "step": ck.step,
         "source": {
             "run": src.run_url,
             "checkpoint": ck.rel,
-            "ema_updates": ck.manifest.get("ema", {}).get("num_updates"),
-            "ema_rates_in_checkpoint": ck.manifest.get("ema", {}).get("rates"),
-            "world_size": ck.manifest.get("world_size"),
-            "config_hash": ck.manifest.get("config_hash"),
-            "model_hash": ck.manifest.get("model_hash"),
+            "ema_updates": ck.ema_updates,
+            "ema_rates_in_checkpoint": ck.ema_rates,
+            "world_size": ck.world_size,
+            "config_hash": ck.config_hash,
+            "model_hash": ck.model_hash,
             "zero_stage": cfg.train.zero_stage,
             "precision": cfg.train.precision,
             "dataset": cfg.data.url,

@@ -121,11 +121,11 @@ def load_checkpoint_model(run_url: str, checkpoint: str | int = "latest", ema_ra
 
     cfg = config if config is not None else read_run_config(run_url)
     ckpt = resolve_checkpoint(run_url, checkpoint)
-    weights, manifest = load_ema_weights(run_url, ckpt.images_seen, ema_rate)
+    weights, _ = load_ema_weights(run_url, ckpt.images_seen, ema_rate)
     where = f"checkpoint {ckpt.rel} of {run_url}"
     network = network_from_state(cfg.model, network_state_dict(weights), where).to(device)
     objective = objective_from_state(cfg.diffusion, objective_state_dict(weights), where).to(device)
-    rate = float(ema_rate if ema_rate is not None else manifest["ema"]["rates"][0])
+    rate = float(ema_rate if ema_rate is not None else ckpt.ema_rates[0])
     source = {"kind": "checkpoint", "run": run_url, "checkpoint": ckpt.rel, "images_seen": ckpt.images_seen,
               "ema_rate": rate}
     return TrainedModel(network, objective, cfg.diffusion, source, cfg, {"checkpoint": ckpt})

@@ -140,9 +140,48 @@ def retained(images: list[int], keep_last: int, keep_every: int) -> set[int]:
 
 @dataclass(frozen=True)
 class Checkpoint:
+    """A committed checkpoint; its manifest.json as read (``manifest``) and typed (the properties)."""
+
     images_seen: int
     rel: str  # path relative to the run dir, e.g. "checkpoints/000000001024"
     manifest: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return self.rel.rsplit("/", 1)[-1]
+
+    @property
+    def step(self) -> int | None:
+        return self.manifest.get("step")
+
+    @property
+    def world_size(self) -> int | None:
+        return self.manifest.get("world_size")
+
+    @property
+    def config_hash(self) -> str | None:
+        return self.manifest.get("config_hash")
+
+    @property
+    def model_hash(self) -> str | None:
+        return self.manifest.get("model_hash")
+
+    @property
+    def ema_rates(self) -> list[float]:
+        return [float(r) for r in self.manifest.get("ema", {}).get("rates", [])]
+
+    @property
+    def ema_files(self) -> list[str]:
+        return list(self.manifest.get("ema", {}).get("files", []))
+
+    @property
+    def ema_updates(self) -> int | None:
+        return self.manifest.get("ema", {}).get("num_updates")
+
+    @property
+    def files(self) -> dict[str, Any]:
+        """File name -> {"sha256", ...} of every file the checkpoint holds."""
+        return dict(self.manifest.get("files", {}))
 
 
 def _read_manifest(run: RunDir, name: str) -> dict[str, Any] | None:

@@ -144,10 +144,10 @@ class _Trainer:
         ckpt = _resume_target(cfg)
         if ckpt is None:
             return
-        if ckpt.manifest.get("model_hash") not in (None, model_hash(cfg)):
+        if ckpt.model_hash not in (None, model_hash(cfg)):
             raise ValueError(f"train.resume: checkpoint {ckpt.rel} was trained with a different model or "
                              f"diffusion configuration; start a new run_dir or set train.resume=never")
-        if ckpt.manifest.get("config_hash") != config_hash(cfg) and self.main:
+        if ckpt.config_hash != config_hash(cfg) and self.main:
             log.warning("resuming %s with a changed configuration (config hash differs)", ckpt.rel)
         state = load_checkpoint(self.engine, cfg.train.run_dir, ckpt, self.ema)
         self.images_seen, self.step = state["images_seen"], state["step"]

@@ -150,5 +150,5 @@ def run_training(cfg: ExperimentConfig, address: str | None = None, dashboard: b
     if not done:
         return {}
     last = done[-1]
-    return {"images_seen": last.images_seen, "step": last.manifest["step"],
+    return {"images_seen": last.images_seen, "step": last.step,
             "checkpoint": f"{tc.run_dir.rstrip('/')}/{last.rel}"}
