@@ -310,7 +310,8 @@ def run_ddim(view, x, seeds, y, steps, o, guide):
     model, the same update in sigma form on ``steps`` times uniform in t."""
     if isinstance(view, DiscreteView):
         return _run_discrete(view, x, seeds, y, steps, o, guide, ddim=True)
-    sigmas = view.time_sigmas(steps)
+    t = torch.linspace(1.0, view.t_eps, steps, dtype=torch.float64)  # DDIM's uniform time grid, then 0
+    sigmas = torch.cat([view.ratio(t), torch.zeros(1, dtype=torch.float64)])
     return ddim_sigma_sample(view.denoiser(y), x * float(sigmas[0]), sigmas, eta=o.eta, seeds=seeds)
 
 

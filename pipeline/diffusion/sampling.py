@@ -123,11 +123,6 @@ class SDEView(SigmaView):
         lo, hi = self.ratio(torch.tensor([self.t_eps, 1.0], dtype=torch.float64)).tolist()
         return lo, hi
 
-    def time_sigmas(self, steps: int) -> Tensor:
-        """Levels at ``steps`` times uniform in t from 1 to t_eps, then 0 (DDIM's uniform time grid)."""
-        t = torch.linspace(1.0, self.t_eps, steps, dtype=torch.float64)
-        return torch.cat([self.ratio(t), torch.zeros(1, dtype=torch.float64)])
-
 
 @dataclass(frozen=True)
 class NCSNView:
