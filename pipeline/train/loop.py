@@ -20,10 +20,11 @@ import torch
 from pipeline.config import ExperimentConfig, config_to_yaml
 from pipeline.train import dist
 from pipeline.train.checkpoint import find_resume_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint
-from pipeline.train.ema import EMA
+from pipeline.train.ema import EMA, PowerEMA
 from pipeline.train.engine import build_engine, global_batch, precision_dtype
 from pipeline.train.metrics import MetricsLogger, Progress, image_grid_png, quartile_of_time
 from pipeline.train.objective import TrainModule
+from pipeline.train.posthoc_snapshots import discard_snapshots_after, save_snapshot
 from pipeline.train.rundir import RunDir
 
 __all__ = ["NonFiniteLossError", "config_hash", "redacted_yaml", "stream_seed", "train"]
@@ -110,6 +111,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
     # Dropout draws from the global generator: a per-rank stream, checkpointed with the run.
     torch.manual_seed(stream_seed(tc.seed, rank, -1, 0))
     ema = EMA(engine.module, tc.ema_rates, rank, world, warmup=tc.ema_warmup)
+    phema = _posthoc_ema(tc, engine.module, rank, world)  # post-hoc EMA (EDM2); None when off
     sampler = getattr(module.objective, "importance", None)  # Improved DDPM's importance-sampled t
     reader = build_reader(cfg, rank, world)
     gbatch = global_batch(tc, world)
@@ -122,7 +124,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
                              f"diffusion configuration; start a new run_dir or set train.resume=never")
         if ckpt.manifest.get("config_hash") != config_hash(cfg) and main:
             log.warning("resuming %s with a changed configuration (config hash differs)", ckpt.rel)
-        state = load_checkpoint(engine, tc.run_dir, ckpt, ema)
+        state = load_checkpoint(engine, tc.run_dir, ckpt, ema, posthoc=phema)
         images_seen, step = state["images_seen"], state["step"]
         reader.load_state_dict(state["rank_state"]["data"])
         shared = state["shared_state"]
@@ -133,6 +135,8 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
         if main:
             print(f"resumed from {run.join(ckpt.rel)} at {images_seen} images (step {step})", flush=True)
 
+    if phema is not None and main:
+        discard_snapshots_after(tc.run_dir, images_seen)  # a later one is from a run past this checkpoint
     logger = MetricsLogger(tc.run_dir, enabled=main)
     progress = Progress(tc.total_images, images_seen, enabled=main)
     dtype = precision_dtype(tc.precision)
@@ -148,7 +152,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
         save_checkpoint(engine, tc.run_dir, images_seen=images_seen, step=step, ema=ema,
                         rank_state={"data": reader.state_dict()}, shared_state=shared,
                         config_hash=config_hash(cfg), model_hash=model_hash(cfg),
-                        keep_last=tc.keep_last, keep_every=tc.keep_every_images)
+                        keep_last=tc.keep_last, keep_every=tc.keep_every_images, posthoc=phema)
 
     last_ckpt = images_seen
     while images_seen < tc.total_images:
@@ -194,6 +198,12 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
             # Finite loss, overflowing fp16 gradients: DeepSpeed skipped the step and lowered the
             # loss scale. Counted apart; a streak of these is the loss scaler's normal search.
             overflow_total += 1
+        if phema is not None:  # every step, applied or skipped: the profile averages the weights over images seen
+            phema.update(images_seen, gbatch)
+            every = tc.posthoc_ema.snapshot_every_images
+            if images_seen // every > (images_seen - gbatch) // every or images_seen >= tc.total_images:
+                save_snapshot(tc.run_dir, phema, images_seen=images_seen, config_hash=config_hash(cfg),
+                              model_hash=model_hash(cfg))
         if bad_step and consecutive_bad > tc.max_consecutive_nonfinite:
             logger.close()
             progress.close()
@@ -227,6 +237,12 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
     return {"images_seen": images_seen, "step": step, "skipped_steps": skipped_total,
             "overflow_steps": overflow_total,
             "run_dir": tc.run_dir}
+
+
+def _posthoc_ema(tc, module: torch.nn.Module, rank: int, world: int) -> PowerEMA | None:
+    if not tc.posthoc_ema.snapshot_every_images:
+        return None
+    return PowerEMA(module, tc.posthoc_ema.sigma_rels, rank, world)
 
 
 def _resume_target(cfg: ExperimentConfig):
