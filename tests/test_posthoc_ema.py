@@ -312,3 +312,129 @@ def test_snapshots_on_s3_reconstruct_like_local_ones(synthetic_run, s3_bucket):
     assert [s.images_seen for s in committed_snapshots(run)] == [2_000, 4_000]
     for s in (0.05, 0.10):
         np.testing.assert_allclose(reconstruct(run, s)["w"].double().numpy(), kept[4_000][s], rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Export, evaluation sweep and the CLIs on a run directory laid out as training writes it (a real
+# tiny U-Net whose weights move along a known path, tracked by PowerEMA, snapshots by save_snapshot)
+
+
+def make_posthoc_run(run: Path, cfg, steps: int = 12, batch: int = 8, every: int = 16) -> dict[int, dict]:
+    """config.yaml + snapshots every ``every`` images of a tiny U-Net drifting from its init; returns
+    each snapshot's tracked full weights."""
+    from pipeline.config import config_to_yaml
+    from pipeline.models import build_model_from_config
+    from pipeline.train.objective import TrainModule
+
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "config.yaml").write_text(config_to_yaml(cfg.model_copy(update={"train": cfg.train.model_copy(
+        update={"run_dir": str(run)})})))
+    torch.manual_seed(0)
+    module = TrainModule(build_model_from_config(cfg.model), cfg.diffusion)
+    direction = [torch.randn_like(p) * 0.02 for p in module.parameters()]
+    phema = PowerEMA(module, (0.05, 0.10), rank=0, world=1)
+    kept = {}
+    for step in range(1, steps + 1):
+        with torch.no_grad():
+            for p, d in zip(module.parameters(), direction):
+                p.add_(d)
+        images = step * batch
+        phema.update(images, batch)
+        if images % every == 0:
+            save_snapshot(str(run), phema, images_seen=images, config_hash="test", model_hash="test")
+            kept[images] = {s: {sp.name: t.clone() for sp, t in zip(phema.specs, phema.shadows[s])}
+                            for s in phema.sigma_rels}
+    return kept
+
+
+@pytest.fixture(scope="module")
+def unet_run(tmp_path_factory):
+    from test_eval_pipeline import make_config, write_dataset
+
+    data = write_dataset(tmp_path_factory.mktemp("shapes"), count=24, per_shard=12)
+    cache = tmp_path_factory.mktemp("refcache")
+    cfg = make_config(data, cache, num_workers=1)
+    run = tmp_path_factory.mktemp("unet") / "run"
+    return run, cfg, make_posthoc_run(run, cfg)
+
+
+def test_export_of_a_tracked_length_holds_the_tracked_weights_and_says_how(unet_run, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from launch import export as export_cli
+    from pipeline.loading import load_model
+    from pipeline.pretrained import load_pretrained
+
+    run, _, kept = unet_run
+    out = tmp_path / "export"
+    rc = export_cli.main(["--run", str(run), "--posthoc-sigma", "0.1", "--checkpoint", "64", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "post-hoc EMA sigma_rel 0.1 at 64 images" in text
+    exported = load_file(str(out / "model.safetensors"))
+    for name, tracked in kept[64][0.1].items():
+        torch.testing.assert_close(exported[name.removeprefix("net.")], tracked.view_as(exported[
+            name.removeprefix("net.")]), rtol=1e-4, atol=1e-6)
+    doc = json.loads((out / "config.json").read_text())
+    assert "ema_rate" not in doc and doc["posthoc_ema"]["sigma_rel"] == 0.1 and doc["images_seen"] == 64
+    assert doc["posthoc_ema"]["snapshot_images"] == [16, 32, 48, 64]
+    card = (out / "README.md").read_text()
+    assert "post-hoc EMA sigma_rel 0.1 at 64 images" in card and "least squares from 4 snapshots" in card
+    model, _ = load_pretrained(out)  # loads like any export
+    loaded = load_model(str(run), posthoc_sigma=0.1, checkpoint=64)
+    assert loaded.source["posthoc_ema"]["sigma_rel"] == 0.1
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.network.state_dict().values()))
+
+
+def test_cli_bad_input_exits_2_with_a_message(unet_run, tmp_path, capsys):
+    from launch import evaluate as evaluate_cli
+    from launch import export as export_cli
+
+    run, cfg, _ = unet_run
+    empty = tmp_path / "no-snapshots"
+    make_posthoc_run(empty, cfg, steps=1, every=1_000)
+    cases = [
+        (export_cli, ["--run", str(run), "--posthoc-sigma", "0.3"], "(0, 0.2887)"),
+        (export_cli, ["--run", str(run), "--posthoc-sigma", "0"], "(0, 0.2887)"),
+        (export_cli, ["--run", str(empty), "--posthoc-sigma", "0.07"], "no post-hoc EMA snapshots"),
+        (export_cli, ["--run", str(run), "--posthoc-sigma", "0.07", "--checkpoint", "97"], "after the last snapshot"),
+        (export_cli, ["--run", str(run), "--posthoc-sigma", "0.07", "--ema", "0.999"], "not both"),
+        (evaluate_cli, ["--run", str(run), "--posthoc-sigma", "0.05,0.3"], "(0, 0.2887)"),
+        (evaluate_cli, ["--run", str(run), "--posthoc-sigma", "0.05,abc"], "not a number"),
+        (evaluate_cli, ["--run", str(empty), "--posthoc-sigma", "0.07"], "no post-hoc EMA snapshots"),
+        (evaluate_cli, ["--run", str(run), "--posthoc-sigma", "0.07", "--checkpoint", "1000"],
+         "after the last snapshot"),
+    ]
+    for module, argv, message in cases:
+        if module is export_cli:
+            argv = [*argv, "--out", str(tmp_path / "out")]
+        rc = module.main(argv)
+        err = capsys.readouterr().err
+        assert rc == 2 and message in err, (argv, rc, err)
+        assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_evaluation_sweeps_lengths_and_plots_fid_against_sigma_rel(unet_run):
+    from evaluation.evaluate import evaluate_posthoc_sweep
+    from evaluation.pool import ensure_ray, shutdown_pool
+
+    run, cfg, _ = unet_run
+    sigmas = [0.05, 0.07, 0.10, 0.13]
+    ensure_ray()
+    try:
+        results, plot = evaluate_posthoc_sweep(cfg, str(run), sigmas, progress=False)
+    finally:
+        shutdown_pool()
+    assert [r.record["posthoc_ema"]["sigma_rel"] for r in results] == sigmas
+    folders = {Path(r.url) for r in results}
+    assert folders == {run / "eval" / f"{96:012d}" / f"ddim3-n8-phema{s:g}-seed0" for s in sigmas}
+    for r in results:
+        record = json.loads((Path(r.url) / "metrics.json").read_text())
+        assert record["ema_rate"] is None and record["posthoc_ema"]["at_images"] == 96
+        assert record["metrics"]["fid"] > 0
+    # different weights make different images: the four FIDs are not all equal
+    assert len({round(r.metrics["fid"], 9) for r in results}) > 1
+    assert Path(plot).stat().st_size > 1000 and Path(plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = json.loads((run / "eval" / f"{96:012d}" / "posthoc_sweep.json").read_text())
+    assert [r["sigma_rel"] for r in rows] == sigmas and all("fid" in r for r in rows)
