@@ -353,7 +353,8 @@ def model_card(doc: dict[str, Any], fmt: str = "native") -> str:
         "",
         (f"A {doc['resolution']}x{doc['resolution']} pixel-space diffusion model "
          f"({'class-conditional, ' + str(doc['num_classes']) + ' classes' if doc['num_classes'] else 'unconditional'}), "
-         f"exported from a training checkpoint of this project's pipeline "
+         f"{'reconstructed from the post-hoc EMA snapshots' if posthoc else 'exported from a training checkpoint'} "
+         f"of this project's pipeline "
          f"({'native format: model.safetensors + config.json' if fmt == 'native' else 'diffusers format'}"
          f"{objective_note})."),
         "",
@@ -376,8 +377,9 @@ def model_card(doc: dict[str, Any], fmt: str = "native") -> str:
         "| field | value |",
         "|---|---|",
         f"| run | `{src['run']}` |",
-        f"| checkpoint | `{src['checkpoint'] or src.get('last_snapshot')}` |",
-        f"| images seen | {doc['images_seen']:,} (step {doc.get('step')}) |",
+        (f"| snapshots | `{src.get('last_snapshot')}` and the earlier ones |" if posthoc
+         else f"| checkpoint | `{src['checkpoint']}` |"),
+        f"| images seen | {doc['images_seen']:,}" + (f" (step {doc['step']})" if doc.get("step") is not None else "") + " |",
         ema_row,
         f"| training | {src.get('world_size')} workers, ZeRO stage {src.get('zero_stage')}, {src.get('precision')} |",
         f"| dataset | `{src.get('dataset')}` |",
