@@ -9,6 +9,7 @@ State lives only in the run directory, so a restarted watcher skips what is done
 from __future__ import annotations
 
 import io
+import json
 import logging
 import threading
 import time
@@ -38,7 +39,8 @@ from pipeline.data import storage
 from pipeline.diffusion.registry import sampler_spec
 from pipeline.train.checkpoint import Checkpoint, committed_checkpoints, resolve_checkpoint
 
-__all__ = ["EvalResult", "default_name", "evaluate_checkpoint", "evaluation_url", "pending_checkpoints", "watch"]
+__all__ = ["EvalResult", "default_name", "evaluate_checkpoint", "evaluate_posthoc_sweep", "evaluation_url",
+           "pending_checkpoints", "watch"]
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +58,15 @@ class EvalResult:
         return self.record["metrics"]
 
 
-def default_name(cfg: EvalConfig, ema_rate: float) -> str:
-    """A folder name that changes whenever the sample set would: sampler, steps, eta, guidance, N, EMA, seed."""
+def default_name(cfg: EvalConfig, ema_rate: float | None, posthoc_sigma: float | None = None) -> str:
+    """A folder name that changes whenever the sample set would: sampler, steps, eta, guidance, N, EMA
+    (or post-hoc EMA length), seed."""
     eta = f"-eta{cfg.eta:g}" if "eta" in sampler_spec(cfg.sampler).options.model_fields and cfg.eta else ""
     guidance = f"-cfg{cfg.guidance_scale:g}" if cfg.guidance_scale else ""
     guidance += f"-cls{cfg.classifier_scale:g}" if cfg.classifier_scale else ""
     guidance += f"-class{cfg.class_label}" if cfg.class_label is not None else ""
-    return f"{cfg.sampler}{cfg.steps}{eta}{guidance}-n{cfg.num_samples}-ema{ema_rate:g}-seed{cfg.seed}"
+    ema = f"phema{posthoc_sigma:g}" if posthoc_sigma is not None else f"ema{ema_rate:g}"
+    return f"{cfg.sampler}{cfg.steps}{eta}{guidance}-n{cfg.num_samples}-{ema}-seed{cfg.seed}"
 
 
 def sampler_settings(cfg: EvalConfig) -> SamplerSettings:
@@ -154,18 +158,28 @@ def evaluate_checkpoint(
     sample_fn_builder: Callable[[], SampleFn] | None = None,
     progress: bool = True,
     ray_address: str | None = None,
+    posthoc_sigma: float | None = None,
 ) -> EvalResult:
     """One evaluation of one committed checkpoint, as configured by ``cfg.eval``.
 
     ``sample_fn_builder`` replaces the default (the checkpoint's EMA network with the configured
-    sampler), e.g. to evaluate another generator against the same reference.
+    sampler), e.g. to evaluate another generator against the same reference. ``posthoc_sigma``: the
+    weights are the post-hoc EMA of that relative length instead, at ``checkpoint`` images seen
+    ('latest': the last snapshot), written under ``eval/<images seen>/<name with phema<sigma>>``.
     """
     ev = cfg.eval
-    ckpt = resolve_checkpoint(run_url, checkpoint)
-    ema_rate = _ema_rate(ev, ckpt)
+    posthoc = None
+    if posthoc_sigma is None:
+        ckpt = resolve_checkpoint(run_url, checkpoint)
+        ema_rate = _ema_rate(ev, ckpt)
+    else:
+        ckpt, posthoc = _posthoc_checkpoint(run_url, posthoc_sigma, checkpoint)
+        ema_rate = None
     settings = sampler_settings(ev)
     guidance, classifier = guidance_provenance(cfg)
-    name = ev.name or default_name(ev, ema_rate)
+    name = ev.name or default_name(ev, ema_rate, posthoc_sigma)
+    if posthoc is not None and ev.name:  # one folder per length of a sweep
+        name = f"{ev.name}-phema{posthoc_sigma:g}"
     out_url = evaluation_url(run_url, ckpt, name)
     model = cfg.model.model_dump(mode="json")
     diffusion = cfg.diffusion.model_dump(mode="json")
@@ -180,8 +194,11 @@ def evaluate_checkpoint(
                                            allow_download=ev.download_weights,
                                            download_timeout_s=ev.download_timeout_s)
     builder = sample_fn_builder or CheckpointSampleFn(run_url, ckpt.images_seen, ema_rate, model, diffusion,
-                                                      settings, device, classifier)
+                                                      settings, device, classifier,
+                                                      posthoc_sigma=None if posthoc is None else posthoc["sigma_rel"])
     spec = {"checkpoint": ckpt.rel, "images_seen": ckpt.images_seen, "ema_rate": ema_rate,
+            **({"posthoc_ema": {k: posthoc[k] for k in ("sigma_rel", "at_images", "snapshot_images")}}
+               if posthoc else {}),
             "sampler": settings.as_dict(), "model": model, "diffusion": diffusion,
             **({"classifier": guidance["classifier"]} if classifier else {}),
             "custom_sample_fn": None if sample_fn_builder is None else _describe(sample_fn_builder)}
@@ -197,13 +214,15 @@ def evaluate_checkpoint(
 
     metrics, skipped, reference = _compute_metrics(cfg, run_url, ckpt, ema_rate, out_url, source, wanted,
                                                    custom=sample_fn_builder is not None, timings=timings,
-                                                   progress=progress, ray_address=ray_address)
+                                                   progress=progress, ray_address=ray_address,
+                                                   posthoc=posthoc is not None)
     reference_url = ev.reference_url or cfg.data.url
     record = {
         "run": run_url,
         "checkpoint": {"name": ckpt.name, "path": ckpt.rel, "images_seen": ckpt.images_seen,
                        "step": ckpt.step, "config_hash": ckpt.config_hash},
         "ema_rate": ema_rate,
+        **({"posthoc_ema": posthoc} if posthoc is not None else {}),
         "name": name,
         "sampler": settings.as_dict() if sample_fn_builder is None else {"custom": _describe(sample_fn_builder)},
         "guidance": guidance if sample_fn_builder is None else None,
@@ -232,7 +251,7 @@ def evaluate_checkpoint(
 
 def _compute_metrics(cfg: ExperimentConfig, run_url: str, ckpt: Checkpoint, ema_rate: float, out_url: str,
                      source: ExtractorSource | None, wanted: tuple[str, ...], *, custom: bool,
-                     timings: dict[str, float], progress: bool, ray_address: str | None):
+                     timings: dict[str, float], progress: bool, ray_address: str | None, posthoc: bool = False):
     """(metrics, skipped metrics with why, reference features or None, extractor) of the sample shards."""
     ev = cfg.eval
     model = cfg.model.model_dump(mode="json")
@@ -264,7 +283,9 @@ def _compute_metrics(cfg: ExperimentConfig, run_url: str, ckpt: Checkpoint, ema_
             is_splits=ev.is_splits,
         ))
         timings["metrics_s"] = time.perf_counter() - start
-    if "bpd" in ev.metrics:
+    if "bpd" in ev.metrics and posthoc:
+        skipped["bpd"] = "bits/dim reads a checkpoint's EMA; not computed for post-hoc EMA weights"
+    elif "bpd" in ev.metrics:
         start = time.perf_counter()
         metrics.update(bits_per_dim(
             CheckpointModel(run_url, ckpt.images_seen, ema_rate, model, diffusion), ev.bpd_url or cfg.data.url,
@@ -275,6 +296,74 @@ def _compute_metrics(cfg: ExperimentConfig, run_url: str, ckpt: Checkpoint, ema_
         ))
         timings["bpd_s"] = time.perf_counter() - start
     return metrics, skipped, reference
+
+
+def _posthoc_checkpoint(run_url: str, sigma_rel: float, at: str | int) -> tuple[Checkpoint, dict[str, Any]]:
+    """The time of a post-hoc EMA as a checkpoint record (``posthoc_ema/<images seen>``) and its provenance."""
+    from pipeline.posthoc import posthoc_plan
+
+    if at != "latest":
+        try:
+            at = int(at)
+        except (TypeError, ValueError):
+            raise ValueError(f"checkpoint: {at!r} is not allowed with posthoc sigma_rel; use 'latest' (the last "
+                             f"snapshot) or a time in images seen") from None
+    plan = posthoc_plan(run_url, sigma_rel, None if at == "latest" else at)
+    last = plan.snapshots[-1].manifest
+    manifest = {"step": None, "config_hash": last.get("config_hash")}
+    return Checkpoint(plan.at_images, f"posthoc_ema/{plan.at_images:012d}", manifest), plan.provenance()
+
+
+def evaluate_posthoc_sweep(
+    cfg: ExperimentConfig,
+    run_url: str,
+    sigma_rels: list[float],
+    at: str | int = "latest",
+    *,
+    progress: bool = True,
+    ray_address: str | None = None,
+) -> tuple[list[EvalResult], str]:
+    """Evaluate the post-hoc EMA of each relative length at one time (one metrics.json each), then
+    plot the metrics against sigma_rel. Returns the results and the plot's URL
+    (``<run>/eval/<images seen>/posthoc_sweep.png``, beside ``posthoc_sweep.json``)."""
+    from pipeline.diffusion.phema import check_sigma_rel
+
+    if not sigma_rels:
+        raise ValueError("posthoc sigma_rel: give at least one value")
+    sigmas = [check_sigma_rel(s, "posthoc sigma_rel") for s in sigma_rels]
+    results = [evaluate_checkpoint(cfg, run_url, at, progress=progress, ray_address=ray_address, posthoc_sigma=s)
+               for s in sigmas]
+    folder = storage.join(run_url, "eval", f"{results[0].record['checkpoint']['images_seen']:012d}")
+    rows = [{"sigma_rel": r.record["posthoc_ema"]["sigma_rel"], "name": r.record["name"], "url": r.url,
+             **{k: v for k, v in r.metrics.items() if isinstance(v, (int, float))}} for r in results]
+    storage.write_bytes(storage.join(folder, "posthoc_sweep.json"), json.dumps(rows, indent=1).encode())
+    url = storage.join(folder, "posthoc_sweep.png")
+    plot_posthoc_sweep(rows, url)
+    return results, url
+
+
+def plot_posthoc_sweep(rows: list[dict[str, Any]], url: str) -> None:
+    """One panel per metric (FID first), x = sigma_rel of the post-hoc EMA."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted(rows, key=lambda r: r["sigma_rel"])
+    present = [m for m in ("fid", "kid", "is", "precision", "recall") if any(m in r for r in rows)]
+    present = present or [k for k in rows[0] if k not in ("sigma_rel", "name", "url")][:1]
+    fig, axes = plt.subplots(1, max(len(present), 1), figsize=(4 * max(len(present), 1), 3.2), squeeze=False)
+    for ax, metric in zip(axes[0], present):
+        points = [(r["sigma_rel"], r[metric]) for r in rows if metric in r]
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o")
+        ax.set_title(f"{metric} vs post-hoc EMA length")
+        ax.set_xlabel("sigma_rel")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    storage.write_bytes(url, buffer.getvalue())
 
 
 def _record(run_url: str, out_url: str, record: dict[str, Any]) -> None:

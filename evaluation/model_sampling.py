@@ -282,7 +282,9 @@ class CheckpointSampleFn:
     """Picklable builder: each evaluation worker loads one EMA of a checkpoint and samples from it.
 
     ``classifier`` (optional): ``{"run_url", "checkpoint", "ema_rate"}`` of a noisy-classifier run
-    used for classifier guidance at ``settings.classifier_scale``.
+    used for classifier guidance at ``settings.classifier_scale``. ``posthoc_sigma`` (optional): use
+    the post-hoc EMA of that relative length at ``checkpoint`` images instead of a checkpoint's EMA
+    (each worker reconstructs it from the run's snapshots, :func:`pipeline.posthoc.reconstruct`).
     """
 
     run_url: str
@@ -293,14 +295,21 @@ class CheckpointSampleFn:
     settings: SamplerSettings
     device: str = "cpu"
     classifier: dict[str, Any] | None = None
+    posthoc_sigma: float | None = None
 
     def __post_init__(self) -> None:
         check_sampler(self.diffusion["objective"], self.settings,
                       has_classifier=self.classifier is not None and bool(self.settings.classifier_scale))
 
     def __call__(self):
-        weights = _load_weights(self.run_url, self.checkpoint, self.ema_rate)
-        where = f"checkpoint {self.checkpoint} of {self.run_url}"
+        if self.posthoc_sigma is not None:
+            from pipeline.posthoc import reconstruct
+
+            weights = reconstruct(self.run_url, self.posthoc_sigma, self.checkpoint)
+            where = f"post-hoc EMA {self.posthoc_sigma:g} at {self.checkpoint} images of {self.run_url}"
+        else:
+            weights = _load_weights(self.run_url, self.checkpoint, self.ema_rate)
+            where = f"checkpoint {self.checkpoint} of {self.run_url}"
         network = network_from_state(self.model, network_state_dict(weights), where)
         objective = objective_from_state(self.diffusion, objective_state_dict(weights), where)
         classifier = None

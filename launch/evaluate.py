@@ -8,7 +8,10 @@
 Reads the resolved ``<run>/config.yaml`` that training saved (or ``--config``), applies the
 flags and dotted overrides (``eval.kid_subset_size=500``), and writes
 ``<run>/eval/<checkpoint>/<name>/metrics.json``. ``--watch`` evaluates every committed checkpoint
-once and keeps polling for new ones (``--once``: stop when none is pending). Without an address
+once and keeps polling for new ones (``--once``: stop when none is pending). ``--posthoc-sigma
+0.05,0.07,0.10,0.13`` evaluates the post-hoc EMA (EDM2) of each relative length at ``--checkpoint``
+images (default: the run's last ``posthoc_ema`` snapshot), one metrics.json each, and plots the
+metrics against sigma_rel in ``<run>/eval/<images seen>/posthoc_sweep.png``. Without an address
 Ray starts in-process on the loopback address; ``--address`` / ``RAY_ADDRESS`` join a cluster.
 """
 
@@ -55,6 +58,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--config", help="config YAML (default: <run>/config.yaml)")
     p.add_argument("--checkpoint", default="latest", help="'latest' or the images seen of a committed checkpoint")
     p.add_argument("--ema", type=float, help="EMA rate to evaluate (default: the checkpoint's first)")
+    p.add_argument("--posthoc-sigma", help="comma list of post-hoc EMA lengths sigma_rel in (0, 0.2887) to sweep, "
+                                           "e.g. 0.05,0.07,0.10,0.13 (needs train.posthoc_ema snapshots)")
     p.add_argument("--num-samples", type=int, help="number of samples N")
     p.add_argument("--sampler", help=f"a sampler of the run's objective; by objective: {describe_samplers()}")
     p.add_argument("--steps", type=int, help="sampling steps")
@@ -120,14 +125,29 @@ def main(argv: list[str] | None = None) -> int:
 
     progress = not args.no_progress
     try:
+        sigmas = _posthoc_sigmas(args)
+        if sigmas:
+            from evaluation.evaluate import evaluate_posthoc_sweep
+            from pipeline.posthoc import posthoc_plan
+
+            if args.watch:
+                raise ValueError("--posthoc-sigma and --watch: a sweep evaluates one time; drop --watch")
+            at = None if args.checkpoint == "latest" else _images(args.checkpoint)
+            for s in sigmas:  # bad lengths, no snapshots, a time past the last snapshot: before Ray starts
+                posthoc_plan(args.run, s, at)
         if any(m != "bpd" for m in cfg.eval.metrics):  # fail on missing weights before starting anything
             resolve_feature_extractor(cfg.eval.feature_extractor, cfg.eval.inception_weights,
                                       allow_download=cfg.eval.download_weights,
                                       download_timeout_s=cfg.eval.download_timeout_s)
-        if not args.watch:
+        if not args.watch and not sigmas:
             resolve_checkpoint(args.run, args.checkpoint)  # a wrong --checkpoint fails before Ray starts
         init_ray(cfg, address=args.address)
-        if args.watch:
+        if sigmas:
+            results, plot = evaluate_posthoc_sweep(cfg, args.run, sigmas, args.checkpoint, progress=progress)
+            for result in results:
+                _print_result(result)
+            print(f"written: {plot}", flush=True)
+        elif args.watch:
             results = watch(cfg, args.run, once=args.once, progress=progress, on_result=_print_result)
             print(f"evaluated {len(results)} checkpoint(s)")
         else:
@@ -144,11 +164,32 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _posthoc_sigmas(args: argparse.Namespace) -> list[float]:
+    from pipeline.diffusion.phema import check_sigma_rel
+
+    if args.posthoc_sigma is None:
+        return []
+    values = [v.strip() for v in args.posthoc_sigma.split(",") if v.strip()]
+    if not values:
+        raise ValueError(f"--posthoc-sigma: {args.posthoc_sigma!r} lists no value; give e.g. 0.05,0.07,0.10,0.13")
+    return [check_sigma_rel(v, "--posthoc-sigma") for v in values]
+
+
+def _images(value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"--checkpoint: {value!r} is not allowed with --posthoc-sigma; use 'latest' or a time in "
+                         f"images seen") from None
+
+
 def _print_result(result) -> None:
     record = result.record
     extractor = record["feature_extractor"] or {}
+    posthoc = record.get("posthoc_ema")
+    ema = f"post-hoc EMA sigma_rel {posthoc['sigma_rel']:g}" if posthoc else f"EMA {record['ema_rate']}"
     print(f"checkpoint {record['checkpoint']['name']} ({record['checkpoint']['images_seen']} images), "
-          f"EMA {record['ema_rate']}, {record['name']}")
+          f"{ema}, {record['name']}")
     if extractor:
         print(f"feature extractor: {extractor['feature_extractor']} ({extractor['weights_origin']}: "
               f"{extractor['weights_path']})")

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from pipeline.diffusion.phema import check_sigma_rel
 from pipeline.diffusion.registry import (
     DEFAULT_OBJECTIVE,
     DEFAULT_SAMPLER,
@@ -128,6 +129,24 @@ class DataConfig(_Section):
     loader_timeout_s: float = Field(600.0, gt=0)
 
 
+class PosthocEMAConfig(_Section):
+    """Post-hoc EMA (EDM2): power-function EMAs tracked in training, snapshots for choosing the EMA
+    length afterwards (``pipeline.posthoc``). ``snapshot_every_images`` 0: off."""
+
+    sigma_rels: tuple[float, ...] = (0.05, 0.10)
+    snapshot_every_images: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _check_sigma_rels(self) -> PosthocEMAConfig:
+        if not self.sigma_rels:
+            raise ValueError("sigma_rels: [] is not allowed; give at least one relative EMA length")
+        for s in self.sigma_rels:
+            check_sigma_rel(s, "sigma_rels")
+        if len(set(self.sigma_rels)) != len(self.sigma_rels):
+            raise ValueError(f"sigma_rels: {list(self.sigma_rels)} repeats a value; give distinct values")
+        return self
+
+
 class TrainConfig(_Section):
     """Training loop, DeepSpeed engine, EMA, checkpoints and logging."""
 
@@ -147,6 +166,7 @@ class TrainConfig(_Section):
     total_images: int = Field(10_000, ge=1)
     ema_rates: tuple[float, ...] = (0.9999,)
     ema_warmup: bool = True
+    posthoc_ema: PosthocEMAConfig = Field(default_factory=PosthocEMAConfig)
     checkpoint_every_images: int = Field(5_000, ge=1)
     keep_last: int = Field(3, ge=1)
     keep_every_images: int = Field(0, ge=0)

@@ -82,6 +82,8 @@ class ExportSource:
     state: dict[str, torch.Tensor]
     # the objective's own parameters without the ``objective.`` prefix (VDM's learned schedule); {} if none
     objective_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    # post-hoc EMA (pipeline.posthoc): how the weights were made, instead of a checkpoint's EMA; None otherwise
+    posthoc: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,7 @@ class ExportResult:
     ema_rate: float
     images_seen: int
     files: tuple[str, ...]
+    posthoc_sigma: float | None = None  # post-hoc EMA sigma_rel when the weights are a reconstruction
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,11 +114,34 @@ def _verify_ema_files(run: RunDir, ckpt: Checkpoint) -> None:
                              f"choose another checkpoint with --checkpoint")
 
 
-def gather_export(run_url: str, checkpoint: str | int = "latest", ema_rate: float | None = None) -> ExportSource:
-    """Full weights of one EMA of a committed checkpoint. ``ema_rate`` None: the run config's
-    ``export.ema_rate``, else the checkpoint's first rate."""
-    from pipeline.models import build_model_from_config
+def _posthoc_source(run_url: str, at: str | int, sigma_rel: float) -> tuple[Checkpoint, dict, dict[str, Any]]:
+    """(the snapshot time as a checkpoint record, reconstructed weights, provenance) of a post-hoc EMA."""
+    from pipeline.posthoc import posthoc_plan, reconstruct
 
+    if at != "latest":
+        try:
+            at = int(at)
+        except (TypeError, ValueError):
+            raise ValueError(f"--checkpoint: {at!r} is not allowed with --posthoc-sigma; use 'latest' (the last "
+                             f"snapshot) or a time in images seen") from None
+    plan = posthoc_plan(run_url, sigma_rel, None if at == "latest" else at)
+    weights = reconstruct(run_url, sigma_rel, plan=plan)
+    last = plan.snapshots[-1]
+    manifest = {key: last.manifest.get(key) for key in ("world_size", "config_hash", "model_hash")}
+    return Checkpoint(plan.at_images, last.rel, manifest), weights, plan.provenance()
+
+
+def gather_export(run_url: str, checkpoint: str | int = "latest", ema_rate: float | None = None,
+                  posthoc_sigma: float | None = None) -> ExportSource:
+    """Full weights of one EMA of a committed checkpoint. ``ema_rate`` None: the run config's
+    ``export.ema_rate``, else the checkpoint's first rate. ``posthoc_sigma``: instead, the post-hoc
+    EMA of that relative length at ``checkpoint`` (images seen, 'latest': the last snapshot)."""
+    if posthoc_sigma is not None:
+        if ema_rate is not None:
+            raise ValueError("--ema and --posthoc-sigma: give one source of weights, not both")
+        ckpt, weights, posthoc = _posthoc_source(run_url, checkpoint, posthoc_sigma)
+        # no EMA rate: ema_rate is NaN and config.json records "posthoc_ema" instead
+        return _export_source(run_url, ckpt, float("nan"), weights, load_run_config(run_url), posthoc)
     ckpt = resolve_checkpoint(run_url, checkpoint)
     cfg = load_run_config(run_url)
     if ema_rate is None:
@@ -128,6 +154,14 @@ def gather_export(run_url: str, checkpoint: str | int = "latest", ema_rate: floa
     _verify_ema_files(run, ckpt)
     weights, _manifest = load_ema_weights(run_url, ckpt.images_seen, ema_rate)
     rate = float(ema_rate) if ema_rate is not None else rates[0]
+    return _export_source(run_url, ckpt, rate, weights, cfg)
+
+
+def _export_source(run_url: str, ckpt: Checkpoint, rate: float, weights: dict[str, torch.Tensor],
+                   cfg: ExperimentConfig, posthoc: dict[str, Any] | None = None) -> ExportSource:
+    """The bare network's and the objective's weights, checked strictly against the run's config."""
+    from pipeline.models import build_model_from_config
+
     state = {k: v.contiguous() for k, v in network_state_dict(weights).items()}
     objective_state = {k: v.contiguous() for k, v in objective_state_dict(weights).items()}
     objective_from_state(cfg.diffusion, objective_state, f"checkpoint {ckpt.rel}")  # strict names and shapes
@@ -138,7 +172,7 @@ def gather_export(run_url: str, checkpoint: str | int = "latest", ema_rate: floa
     except RuntimeError as exc:
         raise ValueError(f"checkpoint {ckpt.rel}: its EMA weights do not fit the network of {run_url}/config.yaml: "
                          f"{str(exc).splitlines()[0]}") from None
-    return ExportSource(run_url, ckpt, rate, cfg, net.config, state, objective_state)
+    return ExportSource(run_url, ckpt, rate, cfg, net.config, state, objective_state, posthoc)
 
 
 def class_names(cfg: ExperimentConfig, num_classes: int) -> tuple[str, ...] | None:
@@ -179,11 +213,17 @@ def evaluation_records(run_url: str) -> list[dict[str, Any]]:
     return sorted(out, key=lambda r: (str(r.get("created_utc", "")), r["_url"]))
 
 
-def select_metrics(records: list[dict[str, Any]], images_seen: int, ema_rate: float) -> tuple[list[dict], str]:
-    """Evaluations of this checkpoint and EMA; else the run's latest evaluation, said so."""
+def select_metrics(records: list[dict[str, Any]], images_seen: int, ema_rate: float,
+                   posthoc_sigma: float | None = None) -> tuple[list[dict], str]:
+    """Evaluations of this checkpoint and EMA (or post-hoc EMA length); else the run's latest evaluation, said so."""
     def same(r: dict) -> bool:
         ck = r.get("checkpoint") or {}
-        return ck.get("images_seen") == images_seen and abs(float(r.get("ema_rate", -1)) - ema_rate) < 1e-12
+        if ck.get("images_seen") != images_seen:
+            return False
+        sigma = (r.get("posthoc_ema") or {}).get("sigma_rel")
+        if posthoc_sigma is not None or sigma is not None:
+            return sigma is not None and posthoc_sigma is not None and abs(float(sigma) - posthoc_sigma) < 1e-12
+        return r.get("ema_rate") is not None and abs(float(r["ema_rate"]) - ema_rate) < 1e-12
 
     exact = [r for r in records if same(r)]
     if exact:
@@ -202,6 +242,7 @@ def _metric_summary(record: dict[str, Any]) -> dict[str, Any]:
         "checkpoint": ck.get("name"),
         "images_seen": ck.get("images_seen"),
         "ema_rate": record.get("ema_rate"),
+        "posthoc_sigma": (record.get("posthoc_ema") or {}).get("sigma_rel"),
         "name": record.get("name"),
         "sampler": record.get("sampler"),
         "num_samples": record.get("num_samples"),
@@ -272,6 +313,13 @@ def export_document(src: ExportSource, weights_file: str, weights_sha256: str, w
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "versions": _versions(),
     }
+    if src.posthoc is not None:  # no EMA rate: the weights are a post-hoc reconstruction
+        del doc["ema_rate"]
+        doc["posthoc_ema"] = src.posthoc
+        doc["source"].pop("ema_updates")
+        doc["source"].pop("ema_rates_in_checkpoint")
+        doc["source"]["checkpoint"] = None
+        doc["source"]["last_snapshot"] = ck.rel
     if objective_weights is not None:
         doc["objective_weights"] = {**objective_weights, "dtype": "float32",
                                     "num_parameters": int(sum(t.numel() for t in src.objective_state.values()))}
@@ -290,12 +338,23 @@ def model_card(doc: dict[str, Any], fmt: str = "native") -> str:
     names = doc.get("class_names")
     objective_note = ("; the objective's learned parameters (noise schedule) in objective.safetensors"
                       if doc.get("objective_weights") else "")
+    posthoc = doc.get("posthoc_ema")
+    which = (f"post-hoc EMA sigma_rel {posthoc['sigma_rel']:g}" if posthoc else f"EMA {doc['ema_rate']:g}")
+    if posthoc:
+        ema_row = (f"| EMA | post-hoc (EDM2): power-function EMA with sigma_rel {posthoc['sigma_rel']:g} (gamma "
+                   f"{posthoc['gamma']:.3f}) at {posthoc['at_images']:,} images, reconstructed by least squares from "
+                   f"{posthoc['num_snapshots']} snapshots of the tracked profiles {posthoc['tracked_sigma_rels']} "
+                   f"(profile misfit {posthoc['profile_relative_error']:.1e} relative L2) |")
+    else:
+        ema_row = (f"| EMA rate | {doc['ema_rate']:g} ({src.get('ema_updates')} updates; the checkpoint holds "
+                   f"{src.get('ema_rates_in_checkpoint')}) |")
     lines = [
-        f"# {Path(src['run']).name or 'diffusion model'}: EMA {doc['ema_rate']:g} at {doc['images_seen']:,} images",
+        f"# {Path(src['run']).name or 'diffusion model'}: {which} at {doc['images_seen']:,} images",
         "",
         (f"A {doc['resolution']}x{doc['resolution']} pixel-space diffusion model "
          f"({'class-conditional, ' + str(doc['num_classes']) + ' classes' if doc['num_classes'] else 'unconditional'}), "
-         f"exported from a training checkpoint of this project's pipeline "
+         f"{'reconstructed from the post-hoc EMA snapshots' if posthoc else 'exported from a training checkpoint'} "
+         f"of this project's pipeline "
          f"({'native format: model.safetensors + config.json' if fmt == 'native' else 'diffusers format'}"
          f"{objective_note})."),
         "",
@@ -318,10 +377,10 @@ def model_card(doc: dict[str, Any], fmt: str = "native") -> str:
         "| field | value |",
         "|---|---|",
         f"| run | `{src['run']}` |",
-        f"| checkpoint | `{src['checkpoint']}` |",
-        f"| images seen | {doc['images_seen']:,} (step {doc.get('step')}) |",
-        (f"| EMA rate | {doc['ema_rate']:g} ({src.get('ema_updates')} updates; the checkpoint holds "
-         f"{src.get('ema_rates_in_checkpoint')}) |"),
+        (f"| snapshots | `{src.get('last_snapshot')}` and the earlier ones |" if posthoc
+         else f"| checkpoint | `{src['checkpoint']}` |"),
+        f"| images seen | {doc['images_seen']:,}" + (f" (step {doc['step']})" if doc.get("step") is not None else "") + " |",
+        ema_row,
         f"| training | {src.get('world_size')} workers, ZeRO stage {src.get('zero_stage')}, {src.get('precision')} |",
         f"| dataset | `{src.get('dataset')}` |",
         f"| config hash | `{src.get('config_hash')}` |",
@@ -339,7 +398,8 @@ def model_card(doc: dict[str, Any], fmt: str = "native") -> str:
         lines += ["| checkpoint | EMA | evaluation | samples | " + " | ".join(keys) + " |",
                   "|---|---|---|---|" + "---|" * len(keys)]
         for e in evaluations:
-            lines.append(f"| {e['checkpoint']} | {_fmt(e['ema_rate'])} | {e['name']} | {e['num_samples']} | "
+            ema = _fmt(e["ema_rate"]) if e.get("posthoc_sigma") is None else f"post-hoc {e['posthoc_sigma']:g}"
+            lines.append(f"| {e['checkpoint']} | {ema} | {e['name']} | {e['num_samples']} | "
                          + " | ".join(_fmt(e["metrics"].get(k)) for k in keys) + " |")
         lines.append("")
         for e in evaluations:
@@ -395,9 +455,11 @@ def model_card(doc: dict[str, Any], fmt: str = "native") -> str:
     return "\n".join(lines)
 
 
-def _default_command(run_url: str, out: str, checkpoint: str | int, ema_rate: float | None, fmt: str) -> str:
+def _default_command(run_url: str, out: str, checkpoint: str | int, ema_rate: float | None, fmt: str,
+                     posthoc_sigma: float | None = None) -> str:
+    extra = f", posthoc_sigma={posthoc_sigma!r}" if posthoc_sigma is not None else ""
     return (f"pipeline.export.export_run({run_url!r}, {out!r}, checkpoint={checkpoint!r}, ema_rate={ema_rate!r}, "
-            f"fmt={fmt!r})")
+            f"fmt={fmt!r}{extra})")
 
 
 def _check_output(out: str, run_url: str, overwrite: bool) -> None:
@@ -456,28 +518,33 @@ def _staging_dir(out: str) -> Path:
 
 
 def export_run(run_url: str, out: str, *, checkpoint: str | int = "latest", ema_rate: float | None = None,
-               fmt: str | None = None, overwrite: bool = False, command: str | None = None) -> ExportResult:
+               fmt: str | None = None, overwrite: bool = False, command: str | None = None,
+               posthoc_sigma: float | None = None) -> ExportResult:
     """Export one EMA of a committed checkpoint of ``run_url`` to the folder ``out`` (local or s3://).
 
     ``ema_rate`` / ``fmt`` None: the run config's ``export`` section (EMA: else the checkpoint's first).
+    ``posthoc_sigma``: export the post-hoc EMA of that relative length instead (``checkpoint``: the
+    time in images seen, 'latest' the last snapshot), reconstructed from ``<run>/posthoc_ema``.
     """
     from safetensors.torch import save_file
 
     if fmt is None:
-        resolve_checkpoint(run_url, checkpoint)  # "no committed checkpoint" before "no config.yaml"
+        if posthoc_sigma is None:
+            resolve_checkpoint(run_url, checkpoint)  # "no committed checkpoint" before "no config.yaml"
         fmt = load_run_config(run_url).export.format
     if fmt not in FORMATS:
         raise ValueError(f"--format: {fmt!r} is not allowed; use one of {', '.join(FORMATS)}")
     if not out:
         raise ValueError("--out: '' is not allowed; give the folder to write")
     _check_output(out, run_url, overwrite)
-    src = gather_export(run_url, checkpoint, ema_rate)
+    src = gather_export(run_url, checkpoint, ema_rate, posthoc_sigma)
     if fmt == "diffusers":
         from pipeline.diffusers_export import check_mappable
 
         check_mappable(src.network_config, src.config.diffusion)  # refuse before writing anything
-    command = command or _default_command(run_url, out, checkpoint, ema_rate, fmt)
-    records, note = select_metrics(evaluation_records(run_url), src.checkpoint.images_seen, src.ema_rate)
+    command = command or _default_command(run_url, out, checkpoint, ema_rate, fmt, posthoc_sigma)
+    sigma = src.posthoc["sigma_rel"] if src.posthoc else None
+    records, note = select_metrics(evaluation_records(run_url), src.checkpoint.images_seen, src.ema_rate, sigma)
     staging = _staging_dir(out)
     objective_weights = None
     try:
@@ -507,4 +574,4 @@ def export_run(run_url: str, out: str, *, checkpoint: str | int = "latest", ema_
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
-    return ExportResult(out, fmt, src.ema_rate, src.checkpoint.images_seen, files)
+    return ExportResult(out, fmt, src.ema_rate, src.checkpoint.images_seen, files, sigma)

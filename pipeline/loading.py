@@ -4,6 +4,7 @@
 
     m = load_model("runs/quickstart")                           # newest checkpoint, its first EMA
     m = load_model("runs/quickstart", checkpoint=36000, ema_rate=0.999)
+    m = load_model("runs/quickstart", posthoc_sigma=0.07)        # post-hoc EMA at the last snapshot
     m = load_model("runs/quickstart/export/ema")                # an export folder
     view = m.view()                                             # what pipeline.diffusion.sample drives
 
@@ -33,6 +34,7 @@ __all__ = [
     "is_export",
     "load_checkpoint_model",
     "load_model",
+    "load_posthoc_model",
     "network_from_state",
     "network_state_dict",
     "objective_from_state",
@@ -114,6 +116,23 @@ def read_run_config(run_url: str) -> ExperimentConfig:
         raise ValueError(f"run: {run_url!r}: config.yaml cannot be read: {exc}") from None
 
 
+def load_posthoc_model(run_url: str, sigma_rel: float, at_images: str | int = "latest", *,
+                       config: ExperimentConfig | None = None, device: str | torch.device = "cpu") -> TrainedModel:
+    """The post-hoc EMA (EDM2) of relative length ``sigma_rel`` at ``at_images`` ('latest': the last
+    snapshot), reconstructed from the run's ``posthoc_ema/`` snapshots (:mod:`pipeline.posthoc`)."""
+    from pipeline.posthoc import posthoc_plan, reconstruct
+
+    cfg = config if config is not None else read_run_config(run_url)
+    plan = posthoc_plan(run_url, sigma_rel, None if at_images == "latest" else int(at_images))
+    weights = reconstruct(run_url, sigma_rel, plan=plan)
+    where = f"post-hoc EMA sigma_rel {plan.sigma_rel:g} at {plan.at_images} images of {run_url}"
+    network = network_from_state(cfg.model, network_state_dict(weights), where).to(device)
+    objective = objective_from_state(cfg.diffusion, objective_state_dict(weights), where).to(device)
+    source = {"kind": "posthoc", "run": run_url, "images_seen": plan.at_images, "ema_rate": None,
+              "posthoc_ema": plan.provenance()}
+    return TrainedModel(network, objective, cfg.diffusion, source, cfg, {"posthoc_plan": plan})
+
+
 def load_checkpoint_model(run_url: str, checkpoint: str | int = "latest", ema_rate: float | None = None, *,
                           config: ExperimentConfig | None = None, device: str | torch.device = "cpu") -> TrainedModel:
     """One EMA of a committed checkpoint of ``run_url`` (``config``: the run's, read when None)."""
@@ -138,8 +157,9 @@ def is_export(path: str | Path) -> bool:
 
 def load_model(source: str | Path, *, checkpoint: str | int = "latest", ema_rate: float | None = None,
                device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-               verify: bool = True) -> TrainedModel:
-    """A trained model from an export folder or a run directory (``checkpoint``/``ema_rate`` for a run)."""
+               verify: bool = True, posthoc_sigma: float | None = None) -> TrainedModel:
+    """A trained model from an export folder or a run directory (``checkpoint``/``ema_rate`` for a run;
+    ``posthoc_sigma``: the run's post-hoc EMA of that relative length, ``checkpoint`` then the time)."""
     if isinstance(source, Path) or not str(source).startswith("s3://"):
         if not Path(source).is_dir():
             raise ValueError(f"model: {str(source)!r} does not exist or is not a folder; expected an export folder "
@@ -152,7 +172,12 @@ def load_model(source: str | Path, *, checkpoint: str | int = "latest", ema_rate
             src = {"kind": "export", "path": str(source), "images_seen": config.images_seen,
                    "ema_rate": config.ema_rate}
             return TrainedModel(network, objective, config.diffusion, src, config)
-    model = load_checkpoint_model(str(source), checkpoint, ema_rate, device=device)
+    if posthoc_sigma is not None:
+        if ema_rate is not None:
+            raise ValueError("ema_rate and posthoc_sigma: give one source of weights, not both")
+        model = load_posthoc_model(str(source), posthoc_sigma, checkpoint, device=device)
+    else:
+        model = load_checkpoint_model(str(source), checkpoint, ema_rate, device=device)
     if dtype != torch.float32:
         model.network.to(dtype)
         model.objective.to(dtype)

@@ -29,7 +29,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save_file as st_save_file
 
 from pipeline.train import dist
-from pipeline.train.ema import EMA, assemble_full
+from pipeline.train.ema import EMA, PowerEMA, assemble_full
 from pipeline.train.rundir import RunDir, sha256_file
 
 __all__ = [
@@ -272,8 +272,11 @@ def _staging_root(run: RunDir) -> Path:
 
 def save_checkpoint(engine, run_url: str, *, images_seen: int, step: int, ema: EMA,
                     rank_state: dict[str, Any], shared_state: dict[str, Any],
-                    config_hash: str, model_hash: str, keep_last: int, keep_every: int) -> str:
+                    config_hash: str, model_hash: str, keep_last: int, keep_every: int,
+                    posthoc: PowerEMA | None = None) -> str:
     """Collective: every rank stores its shard files; rank 0 writes the manifest last.
+
+    ``posthoc``: the power-function EMAs (post-hoc EMA), stored per rank beside the EMA slices.
 
     ``rank_state`` (data cursor, ...) is recorded per rank; ``shared_state`` (importance sampler,
     counters) once, from rank 0. Returns the checkpoint's path relative to the run dir.
@@ -289,6 +292,11 @@ def save_checkpoint(engine, run_url: str, *, images_seen: int, step: int, ema: E
         ema_file = f"ema_rank_{rank:05d}.safetensors"
         st_save_file(ema.local_state(), str(staging / ema_file),
                      metadata={"slices": json.dumps(ema.slice_table()), "rates": json.dumps(ema.rates)})
+        phema_file = f"phema_rank_{rank:05d}.safetensors" if posthoc is not None else None
+        if posthoc is not None:
+            st_save_file(posthoc.local_state(), str(staging / phema_file),
+                         metadata={"slices": json.dumps(posthoc.slice_table()),
+                                   "sigma_rels": json.dumps(posthoc.sigma_rels)})
         files: dict[str, dict[str, Any]] = {}
         for path in sorted(p for p in staging.rglob("*") if p.is_file()):
             name_in_ckpt = path.relative_to(staging).as_posix()
@@ -297,7 +305,7 @@ def save_checkpoint(engine, run_url: str, *, images_seen: int, step: int, ema: E
             files[name_in_ckpt] = {"sha256": sha256_file(path), "size": path.stat().st_size, "rank": rank}
             run.put_file(path, f"{rel}/{name_in_ckpt}", move=True)
         mine = {"rank": rank, "files": files, "state": to_jsonable(rank_state), "rng": to_jsonable(capture_rng()),
-                "ema_file": ema_file}
+                "ema_file": ema_file, "phema_file": phema_file}
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     everyone = dist.all_gather_object(mine)
@@ -314,6 +322,9 @@ def save_checkpoint(engine, run_url: str, *, images_seen: int, step: int, ema: E
             "loss_scale": _loss_scale(engine),
             "ema": {"rates": list(ema.rates), "num_updates": ema.num_updates,
                     "files": [r["ema_file"] for r in everyone]},
+            "posthoc_ema": None if posthoc is None else {
+                "sigma_rels": list(posthoc.sigma_rels), "num_updates": posthoc.num_updates,
+                "files": [r["phema_file"] for r in everyone]},
             "ranks": [{"rank": r["rank"], "state": r["state"], "rng": r["rng"]} for r in everyone],
             "shared": to_jsonable(shared_state),
             "files": {k: v for r in everyone for k, v in r["files"].items()},
@@ -343,9 +354,10 @@ def _apply_retention(run: RunDir, keep_last: int, keep_every: int) -> None:
             run.delete_tree(f"{CHECKPOINTS}/{n}")
 
 
-def load_checkpoint(engine, run_url: str, ckpt: Checkpoint, ema: EMA) -> dict[str, Any]:
+def load_checkpoint(engine, run_url: str, ckpt: Checkpoint, ema: EMA,
+                    posthoc: PowerEMA | None = None) -> dict[str, Any]:
     """Collective: restore the engine (weights, optimizer, LR schedule, loss scaler), this rank's
-    EMA slices and RNG states. Returns ``{"rank_state", "shared_state", "images_seen", "step"}``."""
+    EMA slices (and power-function EMAs, ``posthoc``) and RNG states. Returns ``{"rank_state", "shared_state", "images_seen", "step"}``."""
     run = RunDir(run_url)
     manifest = ckpt.manifest
     rank, world = dist.rank(), dist.world_size()
@@ -372,10 +384,24 @@ def load_checkpoint(engine, run_url: str, ckpt: Checkpoint, ema: EMA) -> dict[st
             shutil.rmtree(tmp, ignore_errors=True)
     ema_rel = f"{ckpt.rel}/{manifest['ema']['files'][rank]}"
     ema.load_local_state(st_load(run.read_bytes(ema_rel)), manifest["ema"]["num_updates"])
+    if posthoc is not None:
+        _load_posthoc(run, ckpt, posthoc, rank)
     mine = manifest["ranks"][rank]
     restore_rng(from_jsonable(mine["rng"]))
     return {"rank_state": from_jsonable(mine["state"]), "shared_state": from_jsonable(manifest["shared"]),
             "images_seen": manifest["images_seen"], "step": manifest["step"]}
+
+
+def _load_posthoc(run: RunDir, ckpt: Checkpoint, posthoc: PowerEMA, rank: int) -> None:
+    held = ckpt.manifest.get("posthoc_ema")
+    if not held:
+        raise ValueError(f"train.posthoc_ema: checkpoint {ckpt.rel} holds no power-function EMA state (post-hoc EMA "
+                         f"was off when it was written); resuming with it on would track wrong profiles. Start a "
+                         f"new run_dir, or set train.posthoc_ema.snapshot_every_images=0")
+    if [float(s) for s in held["sigma_rels"]] != list(posthoc.sigma_rels):
+        raise ValueError(f"train.posthoc_ema.sigma_rels: {list(posthoc.sigma_rels)} differs from the "
+                         f"{held['sigma_rels']} tracked in checkpoint {ckpt.rel}; resume with those")
+    posthoc.load_local_state(st_load(run.read_bytes(f"{ckpt.rel}/{held['files'][rank]}")), held["num_updates"])
 
 
 def load_ema_weights(run_url: str, checkpoint: str | int = "latest",

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["EMA", "SliceSpec", "assemble_full", "ema_decay"]
+__all__ = ["EMA", "PowerEMA", "SliceSpec", "assemble_full", "ema_decay"]
 
 
 def ema_decay(rate: float, num_updates: int, warmup: bool) -> float:
@@ -56,18 +56,13 @@ def _local_view(param: torch.Tensor, rank: int, world: int) -> tuple[torch.Tenso
     return param.detach().view(-1)[start:start + length], start, shape
 
 
-class EMA:
-    """fp32 moving averages of the rank's parameter slices for each rate in ``rates``."""
+class _RankSlices:
+    """fp32 copies of the rank's parameter slices, one set per key (an EMA rate, a sigma_rel)."""
 
-    def __init__(self, module: torch.nn.Module, rates: tuple[float, ...], rank: int, world: int,
-                 warmup: bool = True):
-        if not rates:
-            raise ValueError("rates: () is not allowed; give at least one EMA rate in (0, 1)")
-        for r in rates:
-            if not 0.0 < r < 1.0:
-                raise ValueError(f"rates: {r!r} is not allowed; each rate must lie in (0, 1)")
-        self.rates = tuple(float(r) for r in rates)
-        self.warmup = warmup
+    kind = "EMA"
+
+    def __init__(self, module: torch.nn.Module, keys: tuple[float, ...], rank: int, world: int):
+        self._keys = tuple(float(k) for k in keys)
         self.num_updates = 0
         self._rank, self._world = rank, world
         self._params = [p for _, p in module.named_parameters()]
@@ -77,11 +72,57 @@ class EMA:
             _, start, shape = _local_view(_, rank, world)
             self.specs.append(SliceSpec(name, shape, start, view.numel()))
         self.shadows: dict[float, list[torch.Tensor]] = {
-            r: [v.detach().float().clone() for v in sources] for r in self.rates}
+            k: [v.detach().float().clone() for v in sources] for k in self._keys}
 
     def _sources(self) -> list[torch.Tensor]:
         # Resolved at each use: DeepSpeed may re-point ``param.data`` (flat buffers, partitions).
         return [_local_view(p, self._rank, self._world)[0] for p in self._params]
+
+    def local_state(self) -> dict[str, torch.Tensor]:
+        """This rank's slices as a flat name -> tensor dict (for a safetensors file)."""
+        out = {}
+        for k in self._keys:
+            for spec, t in zip(self.specs, self.shadows[k]):
+                out[f"{k!r}/{spec.name}"] = t.contiguous()
+        return out
+
+    def slice_table(self) -> dict[str, list[int]]:
+        return {s.name: [s.start, s.length, *s.shape] for s in self.specs}
+
+    def load_local_state(self, tensors: dict[str, torch.Tensor], num_updates: int) -> None:
+        for k in self._keys:
+            for spec, t in zip(self.specs, self.shadows[k]):
+                key = f"{k!r}/{spec.name}"
+                if key not in tensors:
+                    raise ValueError(f"{self.kind} state: missing {key!r}; the checkpoint holds keys/params "
+                                     f"{sorted({k.split('/')[0] for k in tensors})}")
+                t.copy_(tensors[key])
+        self.num_updates = num_updates
+
+    def gather_full(self, key: float) -> dict[str, torch.Tensor]:
+        """Full fp32 weights of one average on every rank (a collective; for periodic sampling)."""
+        from pipeline.train import dist
+
+        if key not in self.shadows:
+            raise ValueError(f"{self.kind}: {key!r} is not held; held are {list(self._keys)}")
+        mine = {"slices": self.slice_table(),
+                "tensors": {s.name: t for s, t in zip(self.specs, self.shadows[key])}}
+        return assemble_full(dist.all_gather_object(mine))
+
+
+class EMA(_RankSlices):
+    """fp32 moving averages of the rank's parameter slices for each rate in ``rates``."""
+
+    def __init__(self, module: torch.nn.Module, rates: tuple[float, ...], rank: int, world: int,
+                 warmup: bool = True):
+        if not rates:
+            raise ValueError("rates: () is not allowed; give at least one EMA rate in (0, 1)")
+        for r in rates:
+            if not 0.0 < r < 1.0:
+                raise ValueError(f"rates: {r!r} is not allowed; each rate must lie in (0, 1)")
+        super().__init__(module, rates, rank, world)
+        self.rates = self._keys
+        self.warmup = warmup
 
     @torch.no_grad()
     def update(self) -> None:
@@ -92,36 +133,36 @@ class EMA:
             torch._foreach_lerp_(self.shadows[r], sources, 1.0 - decay)
         self.num_updates += 1
 
-    def local_state(self) -> dict[str, torch.Tensor]:
-        """This rank's slices as a flat name -> tensor dict (for a safetensors file)."""
-        out = {}
-        for r in self.rates:
-            for spec, t in zip(self.specs, self.shadows[r]):
-                out[f"{r!r}/{spec.name}"] = t.contiguous()
-        return out
 
-    def slice_table(self) -> dict[str, list[int]]:
-        return {s.name: [s.start, s.length, *s.shape] for s in self.specs}
+class PowerEMA(_RankSlices):
+    """Power-function EMAs (EDM2 section 3.1) of the rank's parameter slices, one per ``sigma_rels``.
 
-    def load_local_state(self, tensors: dict[str, torch.Tensor], num_updates: int) -> None:
-        for r in self.rates:
-            for spec, t in zip(self.specs, self.shadows[r]):
-                key = f"{r!r}/{spec.name}"
-                if key not in tensors:
-                    raise ValueError(f"EMA state: missing {key!r}; the checkpoint holds rates/params "
-                                     f"{sorted({k.split('/')[0] for k in tensors})}")
-                t.copy_(tensors[key])
-        self.num_updates = num_updates
+    The profile at time t (images seen) averages the weights with density ~ tau^gamma on [0, t];
+    :meth:`update` advances it by the images of one step. The state is the shadows alone: the decay
+    depends only on (gamma, images seen), so a resumed run continues exactly.
+    """
 
-    def gather_full(self, rate: float) -> dict[str, torch.Tensor]:
-        """Full fp32 EMA weights for ``rate`` on every rank (a collective; for periodic sampling)."""
-        from pipeline.train import dist
+    kind = "post-hoc EMA"
 
-        if rate not in self.shadows:
-            raise ValueError(f"rate: {rate!r} is not held; EMA rates are {list(self.rates)}")
-        mine = {"slices": self.slice_table(),
-                "tensors": {s.name: t for s, t in zip(self.specs, self.shadows[rate])}}
-        return assemble_full(dist.all_gather_object(mine))
+    def __init__(self, module: torch.nn.Module, sigma_rels: tuple[float, ...], rank: int, world: int):
+        from pipeline.diffusion.phema import gamma_from_sigma_rel
+
+        if not sigma_rels:
+            raise ValueError("sigma_rels: () is not allowed; give at least one relative EMA length")
+        self.gammas = tuple(gamma_from_sigma_rel(s) for s in sigma_rels)
+        super().__init__(module, sigma_rels, rank, world)
+        self.sigma_rels = self._keys
+
+    @torch.no_grad()
+    def update(self, images_seen: int, images_this_step: int) -> None:
+        """Advance every profile to ``images_seen``: shadow <- beta shadow + (1 - beta) weight (EDM2 eq. 127)."""
+        from pipeline.diffusion.phema import power_ema_beta
+
+        sources = [s.float() for s in self._sources()]
+        for sigma, gamma in zip(self.sigma_rels, self.gammas):
+            beta = power_ema_beta(gamma, images_seen, images_this_step)
+            torch._foreach_lerp_(self.shadows[sigma], sources, 1.0 - beta)
+        self.num_updates += 1
 
 
 def assemble_full(parts: list[dict]) -> dict[str, torch.Tensor]:

@@ -21,10 +21,11 @@ from pipeline.config import ExperimentConfig, config_to_yaml
 from pipeline.train import dist
 from pipeline.train.checkpoint import find_resume_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint
 from pipeline.train.data import model_labels
-from pipeline.train.ema import EMA
+from pipeline.train.ema import EMA, PowerEMA
 from pipeline.train.engine import build_engine, global_batch, precision_dtype
 from pipeline.train.metrics import MetricsLogger, Progress, image_grid_png, quartile_of_time
 from pipeline.train.objective import TrainModule
+from pipeline.train.posthoc_snapshots import discard_snapshots_after, save_snapshot
 from pipeline.train.rundir import RunDir
 
 __all__ = ["NonFiniteLossError", "config_hash", "redacted_yaml", "stream_seed", "train"]
@@ -125,12 +126,15 @@ class _Trainer:
         # Dropout draws from the global generator: a per-rank stream, checkpointed with the run.
         torch.manual_seed(stream_seed(tc.seed, self.rank, -1, 0))
         self.ema = EMA(self.engine.module, tc.ema_rates, self.rank, world, warmup=tc.ema_warmup)
+        self.phema = _posthoc_ema(tc, self.engine.module, self.rank, world)  # post-hoc EMA (EDM2); None when off
         self.sampler = getattr(self.module.objective, "importance", None)  # Improved DDPM's importance-sampled t
         self.reader = build_reader(cfg, self.rank, world)
         self.gbatch = global_batch(tc, world)
         self.num_classes = int(getattr(getattr(net, "config", None), "num_classes", 0) or 0)
         self.images_seen = self.step = self.consecutive_bad = self.skipped_total = self.overflow_total = 0
         self._resume()
+        if self.phema is not None and self.main:
+            discard_snapshots_after(tc.run_dir, self.images_seen)  # a later one is from a run past this checkpoint
         self.logger = MetricsLogger(tc.run_dir, enabled=self.main)
         self.progress = Progress(tc.total_images, self.images_seen, enabled=self.main)
         dtype = precision_dtype(tc.precision)
@@ -149,7 +153,7 @@ class _Trainer:
                              f"diffusion configuration; start a new run_dir or set train.resume=never")
         if ckpt.config_hash != config_hash(cfg) and self.main:
             log.warning("resuming %s with a changed configuration (config hash differs)", ckpt.rel)
-        state = load_checkpoint(self.engine, cfg.train.run_dir, ckpt, self.ema)
+        state = load_checkpoint(self.engine, cfg.train.run_dir, ckpt, self.ema, posthoc=self.phema)
         self.images_seen, self.step = state["images_seen"], state["step"]
         self.reader.load_state_dict(state["rank_state"]["data"])
         shared = state["shared_state"]
@@ -168,7 +172,7 @@ class _Trainer:
         save_checkpoint(self.engine, tc.run_dir, images_seen=self.images_seen, step=self.step, ema=self.ema,
                         rank_state={"data": self.reader.state_dict()}, shared_state=shared,
                         config_hash=config_hash(self.cfg), model_hash=model_hash(self.cfg),
-                        keep_last=tc.keep_last, keep_every=tc.keep_every_images)
+                        keep_last=tc.keep_last, keep_every=tc.keep_every_images, posthoc=self.phema)
 
     def optimizer_step(self, batches) -> bool:
         """One optimizer step over ``grad_accum`` micro-batches; True when a loss was not finite."""
@@ -221,6 +225,12 @@ class _Trainer:
             # Finite loss, overflowing fp16 gradients: DeepSpeed skipped the step and lowered the
             # loss scale. Counted apart; a streak of these is the loss scaler's normal search.
             self.overflow_total += 1
+        if self.phema is not None:  # every step, applied or skipped: the profile averages the weights over images seen
+            self.phema.update(self.images_seen, self.gbatch)
+            every = tc.posthoc_ema.snapshot_every_images
+            if _crossed(self.images_seen, self.images_seen - self.gbatch, every) or self.images_seen >= tc.total_images:
+                save_snapshot(tc.run_dir, self.phema, images_seen=self.images_seen, config_hash=config_hash(self.cfg),
+                              model_hash=model_hash(self.cfg))
         if bad_step and self.consecutive_bad > tc.max_consecutive_nonfinite:
             self.logger.close()
             self.progress.close()
@@ -266,6 +276,12 @@ class _Trainer:
         self.logger.close()
         return {"images_seen": self.images_seen, "step": self.step, "skipped_steps": self.skipped_total,
                 "overflow_steps": self.overflow_total, "run_dir": tc.run_dir}
+
+
+def _posthoc_ema(tc, module: torch.nn.Module, rank: int, world: int) -> PowerEMA | None:
+    if not tc.posthoc_ema.snapshot_every_images:
+        return None
+    return PowerEMA(module, tc.posthoc_ema.sigma_rels, rank, world)
 
 
 def _resume_target(cfg: ExperimentConfig):
