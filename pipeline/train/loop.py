@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from pipeline.config import ExperimentConfig, config_to_yaml
-from pipeline.train import dist
+from pipeline.train import dist, preemption
 from pipeline.train.checkpoint import find_resume_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint
 from pipeline.train.ema import EMA
 from pipeline.train.engine import build_engine, global_batch, precision_dtype
@@ -234,6 +234,14 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
             checkpoint()
             logger.flush()
             last_ckpt = images_seen
+        # -- preemption hook (pipeline/train/preemption.py): a collective, same answer on every rank --
+        if images_seen < tc.total_images and preemption.requested(tc.run_dir):
+            if last_ckpt != images_seen:
+                checkpoint()
+            logger.close()
+            progress.close()
+            raise preemption.Preempted(images_seen)
+        # -- end of preemption hook --
     if tc.sample_every_images and images_seen % tc.sample_every_images and images_seen > 0:
         write_sample_grid(cfg, ema, images_seen)
     progress.close()

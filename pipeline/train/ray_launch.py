@@ -8,21 +8,42 @@
   for the embedded Ray and its processes.
 * With an address (a cluster, ``ray job submit``, ``ray submit``): joins it.
 
-Workers get ``TorchConfig(backend='gloo' | 'nccl', timeout_s=train.collective_timeout_s)``; DeepSpeed
-runs on that process group. ``FailureConfig(max_failures=train.max_failures)`` restarts a failed
-worker group, which resumes from the newest committed checkpoint in the run directory.
+Workers get a :class:`LocalTorchConfig` (Ray Train's ``TorchConfig(backend='gloo' | 'nccl',
+timeout_s=train.collective_timeout_s)`` plus where the rendezvous listens); DeepSpeed runs on that
+process group. ``FailureConfig(max_failures=train.max_failures)`` restarts a failed worker group,
+which resumes from the newest committed checkpoint in the run directory.
+
+Network exposure of the process group. Ray Train's default rendezvous is torch's TCPStore on rank
+0, which listens on every interface (torch offers no bind address). In the embedded default all
+workers share one node, so the rendezvous is a ``FileStore`` in a private temporary folder and
+nothing listens for it. gloo's (and NCCL's bootstrap) sockets bind to the interface that holds the
+Ray node address (``GLOO_SOCKET_IFNAME`` / ``NCCL_SOCKET_IFNAME``): loopback in the embedded default,
+the node's cluster address on a cluster. On a cluster the TCPStore remains (rank 0's node, all
+interfaces): firewall it to the cluster network.
+
+Errors inside a worker reach the caller as one :class:`TrainingFailed` whose message is the root
+cause's last line (the full tracebacks stay in Ray's worker logs).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import ExperimentConfig
 
-__all__ = ["absolute_paths", "check_launch", "init_ray", "run_training", "worker_env"]
+__all__ = ["LocalTorchConfig", "TrainingFailed", "absolute_paths", "check_launch", "init_ray", "run_training",
+           "worker_env"]
+
+
+class TrainingFailed(RuntimeError):
+    """Training failed inside Ray; the message is one line naming the root cause."""
 
 # Environment every worker needs: the CPU accelerator for DeepSpeed when there is no GPU, a
 # persistent torch-extensions cache, no usage reporting.
@@ -84,16 +105,131 @@ def _quiet_state_api_warnings() -> None:
 
 
 def _train_worker(config: dict[str, Any]) -> None:
-    """Body of each Ray Train worker: validate the config, train, report the summary."""
+    """Body of each Ray Train worker: validate the config, train, report the summary.
+
+    A preemption request ends the loop after a committed checkpoint; the worker then returns
+    normally (so ``FailureConfig`` does not restart it) and reports ``preempted=1``."""
     import ray.train
     import torch
 
     from pipeline.train.loop import train
+    from pipeline.train.preemption import Preempted
 
     cfg = ExperimentConfig.model_validate(config["experiment"])
     torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
-    summary = train(cfg)
+    try:
+        summary = train(cfg)
+    except Preempted as stop:
+        summary = {"images_seen": stop.images_seen, "preempted": 1}
     ray.train.report({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+
+
+# ---------------------------------------------------------------------------------------------
+# Process group: where its rendezvous and its sockets listen
+
+
+def _interface_of(address: str) -> str | None:
+    """The network interface that holds ``address`` (e.g. 'lo' for 127.0.0.1), or None."""
+    import ipaddress
+    import socket
+
+    import psutil
+
+    want = ipaddress.ip_address(address)
+    for name, addrs in psutil.net_if_addrs().items():
+        for a in addrs:
+            if a.family in (socket.AF_INET, socket.AF_INET6):
+                try:
+                    if ipaddress.ip_address(a.address.split("%")[0]) == want:
+                        return name
+                except ValueError:
+                    continue
+    return None
+
+
+def _bind_to_node_address() -> None:
+    """On a worker, before the process group exists: gloo / NCCL sockets on the Ray node address's
+    interface only (loopback in the embedded default)."""
+    import ray
+
+    iface = _interface_of(ray.util.get_node_ip_address())
+    if iface is not None:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", iface)
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", iface)
+
+
+def _set_shm_names(port: int) -> None:
+    # DeepSpeed's CPU shared-memory all-reduce names its segments after MASTER_ADDR/MASTER_PORT;
+    # a file-store group has neither, so give a unique pair (nothing listens on it).
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+
+
+def _torch_backend_cls():
+    from ray.train.torch.config import _setup_torch_process_group, _set_torch_distributed_env_vars, _TorchBackend
+
+    class _LocalTorchBackend(_TorchBackend):
+        """Ray Train's torch backend with the rendezvous of :class:`LocalTorchConfig`."""
+
+        def on_start(self, worker_group, backend_config) -> None:
+            import ray
+
+            worker_group.execute(_bind_to_node_address)
+            if not backend_config.file_store_dir:
+                super().on_start(worker_group, backend_config)
+                return
+            backend = backend_config.backend or "gloo"
+            worker_group.execute(_set_shm_names, port=20000 + uuid.uuid4().int % 40000)
+            worker_group.execute(_set_torch_distributed_env_vars)
+            # A fresh store file per worker group: a restarted group must not meet a stale one.
+            url = f"file://{Path(backend_config.file_store_dir) / ('pg-' + uuid.uuid4().hex)}"
+            n = len(worker_group)
+            ray.get([worker_group.execute_single_async(i, _setup_torch_process_group, backend=backend, world_rank=i,
+                                                       world_size=n, init_method=url,
+                                                       timeout_s=backend_config.timeout_s) for i in range(n)])
+
+    return _LocalTorchBackend
+
+
+def _local_torch_config_cls():
+    from ray.train.torch import TorchConfig
+
+    @dataclass
+    class _LocalTorchConfig(TorchConfig):
+        # A folder on the (single) node for a torch FileStore rendezvous; None: Ray's TCPStore.
+        file_store_dir: str | None = None
+
+        @property
+        def backend_cls(self):
+            return _torch_backend_cls()
+
+    return _LocalTorchConfig
+
+
+def LocalTorchConfig(backend: str, timeout_s: int, file_store_dir: str | None):  # noqa: N802 (a class factory)
+    """Ray Train's ``TorchConfig`` whose rendezvous is a FileStore in ``file_store_dir`` (single node)
+    or Ray's TCPStore (None), with gloo/NCCL bound to the node address's interface."""
+    return _local_torch_config_cls()(backend=backend, timeout_s=timeout_s, file_store_dir=file_store_dir)
+
+
+def _embedded(cfg: ExperimentConfig, address: str | None) -> bool:
+    return not (address or cfg.train.ray_address or os.environ.get("RAY_ADDRESS"))
+
+
+def _one_line(exc: BaseException) -> str:
+    """The last line of the root cause of a Ray Train failure (its worker's exception)."""
+    causes: list[BaseException] = []
+    failures = getattr(exc, "worker_failures", None)
+    if failures:
+        causes.append(failures[min(failures)])
+    controller = getattr(exc, "controller_failure", None)
+    if controller is not None:
+        causes.append(controller)
+    root = causes[0] if causes else exc
+    while getattr(root, "cause", None) is not None and isinstance(root.cause, BaseException):
+        root = root.cause  # RayTaskError -> the user's exception
+    lines = [line.strip() for line in str(root).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(root).__name__
 
 
 def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
@@ -107,23 +243,24 @@ def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
 
 
 def check_launch(cfg: ExperimentConfig) -> None:
-    """Fail before Ray starts on what is certainly wrong: the run dir's scheme, local data without
-    a prepared manifest."""
-    from pipeline.train.rundir import RunDir
+    """Fail before Ray starts on what is certainly wrong (see :mod:`pipeline.train.preflight`)."""
+    from pipeline.train.preflight import preflight
 
-    RunDir(cfg.train.run_dir)
-    url = cfg.data.url
-    if "://" not in url and not (Path(url).expanduser() / "dataset.json").is_file():
-        raise ValueError(f"data.url: {url!r} holds no dataset.json; prepare the data first, e.g. "
-                         f"python launch/prepare_data.py --source builtin:shapes10 --out {url}")
+    preflight(cfg)
 
 
 def run_training(cfg: ExperimentConfig, address: str | None = None, dashboard: bool = False) -> dict[str, Any]:
-    """Train ``cfg`` with Ray Train's TorchTrainer; returns images seen, step and the final checkpoint."""
+    """Train ``cfg`` with Ray Train's TorchTrainer; returns images seen, step and the final checkpoint
+    (and ``preempted: True`` when a SIGTERM/SIGINT stopped it at a committed checkpoint).
+
+    Raises :class:`TrainingFailed` (one line) when a worker fails."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.train import preemption
 
     cfg = absolute_paths(cfg)
+    embedded = _embedded(cfg, address)
     init_ray(cfg, address, dashboard)
     tc = cfg.train
     use_gpu = tc.gpus_per_worker > 0
@@ -133,22 +270,44 @@ def run_training(cfg: ExperimentConfig, address: str | None = None, dashboard: b
     storage = None
     if not tc.run_dir.startswith("s3://"):
         storage = str((Path(tc.run_dir) / "ray").resolve())
+    store_dir = tempfile.mkdtemp(prefix="pg-store-") if embedded else None  # mode 0700
     trainer = TorchTrainer(
         train_loop_per_worker=_train_worker,
         train_loop_config={"experiment": cfg.model_dump(mode="json")},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=int(tc.collective_timeout_s)),
+        torch_config=LocalTorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=int(tc.collective_timeout_s),
+                                      file_store_dir=store_dir),
         run_config=RunConfig(name=cfg.name or "train", storage_path=storage,
                              failure_config=FailureConfig(max_failures=tc.max_failures)),
     )
-    result = trainer.fit()
+    try:
+        with preemption.SignalHandler(tc.run_dir, tc.preemption_grace_s) as signals:
+            try:
+                result = trainer.fit()
+            except Exception as exc:
+                if _is_train_failure(exc):
+                    raise TrainingFailed(_one_line(exc)) from None
+                raise
+    finally:
+        if store_dir is not None:
+            shutil.rmtree(store_dir, ignore_errors=True)
     if result.error is not None:
-        raise result.error
+        raise TrainingFailed(_one_line(result.error)) from None
     from pipeline.train.checkpoint import committed_checkpoints
 
     done = committed_checkpoints(tc.run_dir)
-    if not done:
-        return {}
-    last = done[-1]
-    return {"images_seen": last.images_seen, "step": last.manifest["step"],
-            "checkpoint": f"{tc.run_dir.rstrip('/')}/{last.rel}"}
+    out: dict[str, Any] = {}
+    if done:
+        last = done[-1]
+        out = {"images_seen": last.images_seen, "step": last.manifest["step"],
+               "checkpoint": f"{tc.run_dir.rstrip('/')}/{last.rel}"}
+    if (result.metrics or {}).get("preempted"):
+        out["preempted"] = True
+        out["signal"] = signals.signum
+    return out
+
+
+def _is_train_failure(exc: BaseException) -> bool:
+    from ray.train import TrainingFailedError
+
+    return isinstance(exc, TrainingFailedError)
