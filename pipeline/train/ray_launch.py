@@ -69,7 +69,7 @@ def init_ray(cfg: ExperimentConfig, address: str | None = None, dashboard: bool 
     if ray.is_initialized():
         return
     address = address or cfg.train.ray_address or os.environ.get("RAY_ADDRESS")
-    runtime_env = {"env_vars": worker_env(cfg)}
+    runtime_env = {"env_vars": worker_env(cfg), "worker_process_setup_hook": _one_line_train_errors}
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         return
@@ -77,7 +77,7 @@ def init_ray(cfg: ExperimentConfig, address: str | None = None, dashboard: bool 
     need = cfg.train.num_workers * cfg.train.cpus_per_worker
     if not dashboard:
         # Ray Train's placement-group cleaner polls the state API, which lives in the dashboard.
-        runtime_env["worker_process_setup_hook"] = _quiet_state_api_warnings
+        runtime_env["worker_process_setup_hook"] = _quiet_and_one_line
     ray.init(
         num_cpus=max(os.cpu_count() or 1, math.ceil(need) + 1),  # + 1: Ray Train's own actors
         _node_ip_address="127.0.0.1",
@@ -102,6 +102,34 @@ def _quiet_state_api_warnings() -> None:
     import logging
 
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+
+
+# Ray Train loggers that print a worker's full traceback (the worker itself, then the controller's
+# failure policy); the driver prints the root cause as one line and stores the full text in
+# <run>/logs/error.log instead.
+_TRACEBACK_LOGGERS = ("ray.train.v2._internal.util", "ray.train.v2._internal.execution.failure_handling.default")
+
+
+def _one_line_train_errors() -> None:
+    import logging
+
+    class OneLine(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            text = record.getMessage()
+            if record.exc_info or "\n" in text:
+                lines = [line.strip() for line in text.splitlines() if line.strip()]
+                head, tail = (lines[0], lines[-1]) if lines else ("", "")
+                record.msg = head if head == tail else f"{head} {tail}"
+                record.args, record.exc_info, record.exc_text = (), None, None
+            return True
+
+    for name in _TRACEBACK_LOGGERS:
+        logging.getLogger(name).addFilter(OneLine())
+
+
+def _quiet_and_one_line() -> None:
+    _quiet_state_api_warnings()
+    _one_line_train_errors()
 
 
 def _train_worker(config: dict[str, Any]) -> None:
@@ -286,13 +314,13 @@ def run_training(cfg: ExperimentConfig, address: str | None = None, dashboard: b
                 result = trainer.fit()
             except Exception as exc:
                 if _is_train_failure(exc):
-                    raise TrainingFailed(_one_line(exc)) from None
+                    raise _failed(tc.run_dir, exc) from None
                 raise
     finally:
         if store_dir is not None:
             shutil.rmtree(store_dir, ignore_errors=True)
     if result.error is not None:
-        raise TrainingFailed(_one_line(result.error)) from None
+        raise _failed(tc.run_dir, result.error) from None
     from pipeline.train.checkpoint import committed_checkpoints
 
     done = committed_checkpoints(tc.run_dir)
@@ -301,10 +329,27 @@ def run_training(cfg: ExperimentConfig, address: str | None = None, dashboard: b
         last = done[-1]
         out = {"images_seen": last.images_seen, "step": last.manifest["step"],
                "checkpoint": f"{tc.run_dir.rstrip('/')}/{last.rel}"}
-    if (result.metrics or {}).get("preempted"):
+    # Preempted: a signal came and the run stopped (at its committed checkpoint) before the end.
+    if signals.signum is not None and out.get("images_seen", 0) < tc.total_images:
         out["preempted"] = True
         out["signal"] = signals.signum
     return out
+
+
+def _failed(run_dir: str, exc: BaseException) -> TrainingFailed:
+    """One line for the user; the full text (worker tracebacks) in ``<run>/logs/error.log``."""
+    import traceback
+
+    from pipeline.train.rundir import RunDir
+
+    line = _one_line(exc)
+    try:
+        parts = [str(exc)] + [f"rank {r}: {e}" for r, e in sorted((getattr(exc, "worker_failures", None) or {}).items())]
+        RunDir(run_dir).write_text("logs/error.log", "\n\n".join(parts) + "\n" + "".join(traceback.format_exception(exc)))
+        line += f" (full traceback: {RunDir(run_dir).join('logs/error.log')})"
+    except OSError:
+        pass
+    return TrainingFailed(line)
 
 
 def _is_train_failure(exc: BaseException) -> bool:
