@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 import threading
 import time
 
-import torch
-
-from pipeline.train import dist
 from pipeline.train.rundir import RunDir
 
 __all__ = ["EXIT_PREEMPTED", "MARKER", "Preempted", "SignalHandler", "clear", "request", "requested"]
@@ -58,19 +56,24 @@ def clear(run_dir: str) -> None:
         run.local_path(MARKER).unlink(missing_ok=True)
 
 
-_last_poll = {"t": -float("inf"), "seen": False}
+_last_poll: dict[str, tuple[float, bool]] = {}  # run dir -> (monotonic time of the last look, marker seen)
 
 
 def _marker_seen(run_dir: str) -> bool:
     run = RunDir(run_dir)
     now = time.monotonic()
-    if not run.is_s3 or now - _last_poll["t"] >= S3_POLL_INTERVAL_S:
-        _last_poll["t"], _last_poll["seen"] = now, run.exists(MARKER)
-    return bool(_last_poll["seen"])
+    last, seen = _last_poll.get(run_dir, (-float("inf"), False))
+    if not run.is_s3 or now - last >= S3_POLL_INTERVAL_S:
+        seen = run.exists(MARKER)
+        _last_poll[run_dir] = (now, seen)
+    return seen
 
 
 def requested(run_dir: str) -> bool:
     """Collective: True on every rank once the driver asked the run to stop."""
+    import torch
+
+    from pipeline.train import dist
     seen = 1.0 if dist.is_main() and _marker_seen(run_dir) else 0.0
     return bool(dist.all_reduce_max(torch.tensor([seen])).item() > 0)
 
@@ -78,8 +81,12 @@ def requested(run_dir: str) -> bool:
 class SignalHandler:
     """Context manager for the driver: SIGTERM/SIGINT -> :func:`request`, grace timer, hard stop.
 
-    ``signum`` is the first signal received (None if none). Handlers are restored on exit. Only
-    installed in the main thread (Python delivers signals there); elsewhere it does nothing.
+    ``signum`` is the first signal received (None if none). Python runs signal handlers only when
+    the main thread next executes bytecode (it may sit in Ray's ``get`` for a while) and merges a
+    repeated signal that arrives before then into one call; so every delivery is read from the
+    wakeup file descriptor (one byte per signal, written by the C-level handler) by a thread, which
+    counts them and acts at once. Installed only in the main thread; elsewhere it does nothing.
+    Handlers and the wakeup descriptor are restored on exit.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -89,23 +96,46 @@ class SignalHandler:
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
         self._timer: threading.Timer | None = None
+        self._pair: tuple[socket.socket, socket.socket] | None = None
+        self._old_wakeup = -1
 
-    def __enter__(self) -> SignalHandler:
+    def __enter__(self):
         clear(self.run_dir)  # a marker left by an earlier run must not stop this one
         if threading.current_thread() is threading.main_thread():
+            reader, writer = socket.socketpair()
+            writer.setblocking(False)
+            self._pair = (reader, writer)
             for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._on_signal)
+                self._previous[sig] = signal.signal(sig, _ignore)
+            self._old_wakeup = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+            threading.Thread(target=self._watch, args=(reader,), name="preemption-signals", daemon=True).start()
         return self
 
     def __exit__(self, *exc) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        if self._pair is not None:
+            signal.set_wakeup_fd(self._old_wakeup)
+            for sig, handler in self._previous.items():
+                signal.signal(sig, handler)
+            self._pair[1].close()  # the watcher reads EOF and ends
         if self.signum is not None:
             clear(self.run_dir)
 
-    def _on_signal(self, signum: int, frame) -> None:
+    def _watch(self, reader: socket.socket) -> None:
+        with reader:
+            while True:
+                try:
+                    data = reader.recv(64)
+                except OSError:
+                    return
+                if not data:
+                    return
+                for signum in data:
+                    if signum in self.SIGNALS:
+                        self._on_signal(signum)
+
+    def _on_signal(self, signum: int) -> None:
         name = signal.Signals(signum).name
         if self.signum is not None:
             self._stop_now(f"second {name}: stopping now; the newest committed checkpoint is the resume point",
@@ -114,14 +144,19 @@ class SignalHandler:
         print(f"{name} received: checkpointing at the next step boundary (grace {self.grace_s:g} s); "
               f"send it again to stop at once", file=sys.stderr, flush=True)
         request(self.run_dir)
-        self._timer = threading.Timer(self.grace_s, self._stop_now,
-                                      args=(f"no checkpoint within train.preemption_grace_s={self.grace_s:g} s; "
-                                            "stopping; the newest committed checkpoint is the resume point", signum))
+        late = (f"no checkpoint within train.preemption_grace_s={self.grace_s:g} s; stopping; the newest "
+                "committed checkpoint is the resume point")
+        self._timer = threading.Timer(self.grace_s, self._stop_now, args=(late, signum))
         self._timer.daemon = True
         self._timer.start()
 
     @staticmethod
     def _stop_now(message: str, signum: int) -> None:
         print(message, file=sys.stderr, flush=True)
-        # Ray's processes of an embedded run die with the driver (Ray's reaper watches it).
+        # Ray's processes of an embedded run die with the driver (Ray's reaper watches it); on a
+        # cluster, Ray ends the job's actors when their owner (this driver) exits.
         os._exit(128 + signum)
+
+
+def _ignore(signum: int, frame) -> None:
+    """The Python-level handler: the work happens in :meth:`SignalHandler._watch`."""

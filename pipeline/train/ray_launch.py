@@ -194,7 +194,7 @@ def _set_shm_names(port: int) -> None:
 
 
 def _torch_backend_cls():
-    from ray.train.torch.config import _setup_torch_process_group, _set_torch_distributed_env_vars, _TorchBackend
+    from ray.train.torch.config import _set_torch_distributed_env_vars, _setup_torch_process_group, _TorchBackend
 
     class _LocalTorchBackend(_TorchBackend):
         """Ray Train's torch backend with the rendezvous of :class:`LocalTorchConfig`."""
@@ -234,7 +234,7 @@ def _local_torch_config_cls():
     return _LocalTorchConfig
 
 
-def LocalTorchConfig(backend: str, timeout_s: int, file_store_dir: str | None):  # noqa: N802 (a class factory)
+def LocalTorchConfig(backend: str, timeout_s: int, file_store_dir: str | None):
     """Ray Train's ``TorchConfig`` whose rendezvous is a FileStore in ``file_store_dir`` (single node)
     or Ray's TCPStore (None), with gloo/NCCL bound to the node address's interface."""
     return _local_torch_config_cls()(backend=backend, timeout_s=timeout_s, file_store_dir=file_store_dir)
