@@ -59,7 +59,7 @@ def _reap():
 
 
 def _start(args: list[str], log: Path) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "launch/train.py", *args], cwd=ROOT, stdout=open(log, "w"),
+    proc = subprocess.Popen([sys.executable, "launch/train.py", *args], cwd=ROOT, stdout=open(log, "w"),  # noqa: SIM115
                             stderr=subprocess.STDOUT, start_new_session=True)
     _started.append(proc)
     return proc

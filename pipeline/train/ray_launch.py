@@ -8,7 +8,7 @@
   for the embedded Ray and its processes.
 * With an address (a cluster, ``ray job submit``, ``ray submit``): joins it.
 
-Workers get a :class:`LocalTorchConfig` (Ray Train's ``TorchConfig(backend='gloo' | 'nccl',
+Workers get :func:`torch_config` (Ray Train's ``TorchConfig(backend='gloo' | 'nccl',
 timeout_s=train.collective_timeout_s)`` plus where the rendezvous listens); DeepSpeed runs on that
 process group. ``FailureConfig(max_failures=train.max_failures)`` restarts a failed worker group,
 which resumes from the newest committed checkpoint in the run directory.
@@ -38,7 +38,7 @@ from typing import Any
 
 from pipeline.config import ExperimentConfig
 
-__all__ = ["LocalTorchConfig", "TrainingFailed", "absolute_paths", "check_launch", "init_ray", "run_training",
+__all__ = ["TrainingFailed", "absolute_paths", "check_launch", "init_ray", "run_training", "torch_config",
            "worker_env"]
 
 
@@ -197,7 +197,7 @@ def _torch_backend_cls():
     from ray.train.torch.config import _set_torch_distributed_env_vars, _setup_torch_process_group, _TorchBackend
 
     class _LocalTorchBackend(_TorchBackend):
-        """Ray Train's torch backend with the rendezvous of :class:`LocalTorchConfig`."""
+        """Ray Train's torch backend with the rendezvous of :func:`torch_config`."""
 
         def on_start(self, worker_group, backend_config) -> None:
             import ray
@@ -234,7 +234,7 @@ def _local_torch_config_cls():
     return _LocalTorchConfig
 
 
-def LocalTorchConfig(backend: str, timeout_s: int, file_store_dir: str | None):
+def torch_config(backend: str, timeout_s: int, file_store_dir: str | None):
     """Ray Train's ``TorchConfig`` whose rendezvous is a FileStore in ``file_store_dir`` (single node)
     or Ray's TCPStore (None), with gloo/NCCL bound to the node address's interface."""
     return _local_torch_config_cls()(backend=backend, timeout_s=timeout_s, file_store_dir=file_store_dir)
@@ -303,7 +303,7 @@ def run_training(cfg: ExperimentConfig, address: str | None = None, dashboard: b
         train_loop_per_worker=_train_worker,
         train_loop_config={"experiment": cfg.model_dump(mode="json")},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
-        torch_config=LocalTorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=int(tc.collective_timeout_s),
+        torch_config=torch_config(backend="nccl" if use_gpu else "gloo", timeout_s=int(tc.collective_timeout_s),
                                       file_store_dir=store_dir),
         run_config=RunConfig(name=cfg.name or "train", storage_path=storage,
                              failure_config=FailureConfig(max_failures=tc.max_failures)),
