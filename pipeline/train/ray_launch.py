@@ -13,13 +13,12 @@ timeout_s=train.collective_timeout_s)`` plus where the rendezvous listens); Deep
 process group. ``FailureConfig(max_failures=train.max_failures)`` restarts a failed worker group,
 which resumes from the newest committed checkpoint in the run directory.
 
-Network exposure of the process group. Ray Train's default rendezvous is torch's TCPStore on rank
-0, which listens on every interface (torch offers no bind address). In the embedded default all
-workers share one node, so the rendezvous is a ``FileStore`` in a private temporary folder and
-nothing listens for it. gloo's (and NCCL's bootstrap) sockets bind to the interface that holds the
-Ray node address (``GLOO_SOCKET_IFNAME`` / ``NCCL_SOCKET_IFNAME``): loopback in the embedded default,
-the node's cluster address on a cluster. On a cluster the TCPStore remains (rank 0's node, all
-interfaces): firewall it to the cluster network.
+Network exposure of the process group. Ray Train's default rendezvous, torch's TCPStore on rank
+0, listens on every interface. Here rank 0 opens the store's listening socket itself, bound to the
+Ray node address, and hands it to the store (``master_listen_fd``); gloo's and NCCL's bootstrap
+sockets bind to the interface that holds that address (``GLOO_SOCKET_IFNAME`` /
+``NCCL_SOCKET_IFNAME``). So the embedded default listens on 127.0.0.1 only, and a cluster on each
+node's cluster address only.
 
 Errors inside a worker reach the caller as one :class:`TrainingFailed` whose message is the root
 cause's last line (the full tracebacks stay in Ray's worker logs).
@@ -29,9 +28,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
-import tempfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -186,62 +182,76 @@ def _bind_to_node_address() -> None:
         os.environ.setdefault("NCCL_SOCKET_IFNAME", iface)
 
 
-def _set_shm_names(port: int) -> None:
-    # DeepSpeed's CPU shared-memory all-reduce names its segments after MASTER_ADDR/MASTER_PORT;
-    # a file-store group has neither, so give a unique pair (nothing listens on it).
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
+# Rank 0 keeps the store's listening socket for the life of its process group.
+_STORE_SOCKET: Any = None
+
+
+def _init_process_group(backend: str, world_rank: int, world_size: int, addr: str, port: int, timeout_s: float) -> None:
+    """On a worker: the default process group, its TCPStore listening on ``addr`` only.
+
+    torch's TCPStore listens on every interface when it opens its own socket; given an already
+    listening socket (``master_listen_fd``) it serves on that one, bound here to the node address."""
+    import datetime
+    import socket
+
+    import torch.distributed as torch_dist
+
+    global _STORE_SOCKET
+    # DeepSpeed's CPU shared-memory all-reduce names its segments after MASTER_ADDR/MASTER_PORT.
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr, str(port)
+    if backend == "nccl":
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # fail, not hang, on a timeout
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if world_rank == 0:
+        sock = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((addr, port))
+        sock.listen(max(128, world_size))
+        _STORE_SOCKET = sock
+        store = torch_dist.TCPStore(addr, port, world_size, True, timeout, wait_for_workers=False,
+                                    master_listen_fd=sock.fileno())
+    else:
+        store = torch_dist.TCPStore(addr, port, world_size, False, timeout)  # retries until rank 0 listens
+    torch_dist.init_process_group(backend, store=store, rank=world_rank, world_size=world_size, timeout=timeout)
 
 
 def _torch_backend_cls():
-    from ray.train.torch.config import _set_torch_distributed_env_vars, _setup_torch_process_group, _TorchBackend
+    from ray.train._internal.utils import get_address_and_port
+    from ray.train._internal.worker_group import WorkerGroup as V1WorkerGroup
+    from ray.train.torch.config import _set_torch_distributed_env_vars, _TorchBackend
 
-    class _LocalTorchBackend(_TorchBackend):
-        """Ray Train's torch backend with the rendezvous of :func:`torch_config`."""
+    class _NodeAddressTorchBackend(_TorchBackend):
+        """Ray Train's torch backend with a process group that listens on the node address only."""
 
         def on_start(self, worker_group, backend_config) -> None:
             import ray
 
             worker_group.execute(_bind_to_node_address)
-            if not backend_config.file_store_dir:
-                super().on_start(worker_group, backend_config)
-                return
             backend = backend_config.backend or "gloo"
-            worker_group.execute(_set_shm_names, port=20000 + uuid.uuid4().int % 40000)
-            worker_group.execute(_set_torch_distributed_env_vars)
-            # A fresh store file per worker group: a restarted group must not meet a stale one.
-            url = f"file://{Path(backend_config.file_store_dir) / ('pg-' + uuid.uuid4().hex)}"
+            addr, port = worker_group.execute_single(0, get_address_and_port)  # Ray's node address, a free port
+            if not isinstance(worker_group, V1WorkerGroup):
+                worker_group.execute(_set_torch_distributed_env_vars)
             n = len(worker_group)
-            ray.get([worker_group.execute_single_async(i, _setup_torch_process_group, backend=backend, world_rank=i,
-                                                       world_size=n, init_method=url,
-                                                       timeout_s=backend_config.timeout_s) for i in range(n)])
+            ray.get([worker_group.execute_single_async(i, _init_process_group, backend=backend, world_rank=i,
+                                                       world_size=n,
+                                                       addr=addr, port=port, timeout_s=backend_config.timeout_s)
+                     for i in range(n)])
 
-    return _LocalTorchBackend
+    return _NodeAddressTorchBackend
 
 
-def _local_torch_config_cls():
+def torch_config(backend: str, timeout_s: int):
+    """Ray Train's ``TorchConfig(backend, timeout_s)`` whose process group listens on the Ray node
+    address only: its TCPStore and gloo/NCCL sockets (127.0.0.1 in the embedded default)."""
     from ray.train.torch import TorchConfig
 
     @dataclass
-    class _LocalTorchConfig(TorchConfig):
-        # A folder on the (single) node for a torch FileStore rendezvous; None: Ray's TCPStore.
-        file_store_dir: str | None = None
-
+    class _NodeAddressTorchConfig(TorchConfig):
         @property
         def backend_cls(self):
             return _torch_backend_cls()
 
-    return _LocalTorchConfig
-
-
-def torch_config(backend: str, timeout_s: int, file_store_dir: str | None):
-    """Ray Train's ``TorchConfig`` whose rendezvous is a FileStore in ``file_store_dir`` (single node)
-    or Ray's TCPStore (None), with gloo/NCCL bound to the node address's interface."""
-    return _local_torch_config_cls()(backend=backend, timeout_s=timeout_s, file_store_dir=file_store_dir)
-
-
-def _embedded(cfg: ExperimentConfig, address: str | None) -> bool:
-    return not (address or cfg.train.ray_address or os.environ.get("RAY_ADDRESS"))
+    return _NodeAddressTorchConfig(backend=backend, timeout_s=timeout_s)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -288,7 +298,6 @@ def run_training(cfg: ExperimentConfig, address: str | None = None, dashboard: b
     from pipeline.train import preemption
 
     cfg = absolute_paths(cfg)
-    embedded = _embedded(cfg, address)
     init_ray(cfg, address, dashboard)
     tc = cfg.train
     use_gpu = tc.gpus_per_worker > 0
@@ -298,27 +307,21 @@ def run_training(cfg: ExperimentConfig, address: str | None = None, dashboard: b
     storage = None
     if not tc.run_dir.startswith("s3://"):
         storage = str((Path(tc.run_dir) / "ray").resolve())
-    store_dir = tempfile.mkdtemp(prefix="pg-store-") if embedded else None  # mode 0700
     trainer = TorchTrainer(
         train_loop_per_worker=_train_worker,
         train_loop_config={"experiment": cfg.model_dump(mode="json")},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
-        torch_config=torch_config(backend="nccl" if use_gpu else "gloo", timeout_s=int(tc.collective_timeout_s),
-                                      file_store_dir=store_dir),
+        torch_config=torch_config(backend="nccl" if use_gpu else "gloo", timeout_s=int(tc.collective_timeout_s)),
         run_config=RunConfig(name=cfg.name or "train", storage_path=storage,
                              failure_config=FailureConfig(max_failures=tc.max_failures)),
     )
-    try:
-        with preemption.SignalHandler(tc.run_dir, tc.preemption_grace_s) as signals:
-            try:
-                result = trainer.fit()
-            except Exception as exc:
-                if _is_train_failure(exc):
-                    raise _failed(tc.run_dir, exc) from None
-                raise
-    finally:
-        if store_dir is not None:
-            shutil.rmtree(store_dir, ignore_errors=True)
+    with preemption.SignalHandler(tc.run_dir, tc.preemption_grace_s) as signals:
+        try:
+            result = trainer.fit()
+        except Exception as exc:
+            if _is_train_failure(exc):
+                raise _failed(tc.run_dir, exc) from None
+            raise
     if result.error is not None:
         raise _failed(tc.run_dir, result.error) from None
     from pipeline.train.checkpoint import committed_checkpoints
