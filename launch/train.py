@@ -4,6 +4,12 @@
 
 Without an address Ray starts in-process on 127.0.0.1; with ``--address``, ``train.ray_address``
 or ``RAY_ADDRESS`` it joins a cluster (also under ``ray job submit`` / ``ray submit``).
+
+Exit status: 0 done; 2 bad input, found before Ray starts (config, model preset, URLs, S3
+reachability/credentials, data resolution, resumability); 1 training failed (one line: the root
+cause); 75 stopped by SIGTERM/SIGINT after committing a checkpoint (run the command again to
+resume); 143/130 a second signal or ``train.preemption_grace_s`` ran out (the previous committed
+checkpoint is the resume point).
 """
 
 from __future__ import annotations
@@ -28,17 +34,28 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeline.config import load_config_or_exit
     from pipeline.train.loop import redacted_yaml
-    from pipeline.train.ray_launch import check_launch, run_training
+    from pipeline.train.preemption import EXIT_PREEMPTED
+    from pipeline.train.preflight import PreflightError, check_config_file, preflight
+    from pipeline.train.ray_launch import TrainingFailed, run_training
 
-    cfg = load_config_or_exit(args.config, args.overrides)
     try:
-        check_launch(cfg)
-    except ValueError as exc:
+        check_config_file(args.config)
+        cfg = load_config_or_exit(args.config, args.overrides)
+        preflight(cfg)
+    except PreflightError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(redacted_yaml(cfg), flush=True)
-    metrics = run_training(cfg, address=args.address, dashboard=args.dashboard)
+    try:
+        metrics = run_training(cfg, address=args.address, dashboard=args.dashboard)
+    except TrainingFailed as exc:
+        print(f"error: training failed: {exc}", file=sys.stderr)
+        return 1
     run = cfg.train.run_dir
+    if metrics.get("preempted"):
+        print(f"preempted: checkpoint committed at {metrics.get('images_seen', '?')} images in {run}/checkpoints; "
+              f"run the same command again to resume", flush=True)
+        return EXIT_PREEMPTED
     print(f"done: {metrics.get('images_seen', '?')} images, {metrics.get('step', '?')} steps")
     print(f"checkpoints: {run}/checkpoints\nlogs:        {run}/logs (TensorBoard, metrics.jsonl)")
     print(f"samples:     {run}/samples/latest.png")

@@ -178,6 +178,9 @@ class TrainConfig(_Section):
     sample_every_images: int = Field(0, ge=0)
     max_consecutive_nonfinite: int = Field(10, ge=1)
     max_failures: int = Field(0, ge=0)
+    # After SIGTERM/SIGINT to the driver: seconds the workers have to commit a checkpoint at the next
+    # step boundary before the driver stops at once (see pipeline/train/preemption.py).
+    preemption_grace_s: float = Field(120.0, gt=0)
     ray_address: str | None = None
 
     @model_validator(mode="after")

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from pipeline.config import ExperimentConfig, config_to_yaml
-from pipeline.train import dist
+from pipeline.train import dist, preemption
 from pipeline.train.checkpoint import find_resume_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint
 from pipeline.train.data import model_labels
 from pipeline.train.ema import EMA, PowerEMA
@@ -264,12 +264,23 @@ class _Trainer:
             self.logger.flush()
             self.last_ckpt = seen
 
+    def stop_if_preempted(self) -> None:
+        """A collective (the same answer on every rank): after a preemption signal to the driver
+        (pipeline/train/preemption.py), commit a checkpoint at this step boundary and stop."""
+        if self.images_seen < self.cfg.train.total_images and preemption.requested(self.cfg.train.run_dir):
+            if self.last_ckpt != self.images_seen:
+                self.checkpoint()
+            self.logger.close()
+            self.progress.close()
+            raise preemption.Preempted(self.images_seen)
+
     def run(self) -> dict[str, Any]:
         tc = self.cfg.train
         batches = iter(self.reader)
         while self.images_seen < tc.total_images:
             self.count_step(self.optimizer_step(batches))
             self.at_boundary()
+            self.stop_if_preempted()
         if tc.sample_every_images and self.images_seen % tc.sample_every_images and self.images_seen > 0:
             write_sample_grid(self.cfg, self.ema, self.images_seen)
         self.progress.close()
