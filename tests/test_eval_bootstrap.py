@@ -78,7 +78,7 @@ def test_intervals_are_deterministic_given_the_seed_and_cover_every_metric():
     ref = {"2048": rng.standard_normal((50, 8)), "dinov2": rng.standard_normal((50, 6))}
     stats = {"mixed_6_conv": feature_statistics(rng.standard_normal((70, 5)))}
     metrics = ("fid", "sfid", "pr", "kid", "fd_dinov2")
-    kw = dict(resamples=20, level=0.8, kid_subsets=3, kid_subset_size=20)
+    kw = {"resamples": 20, "level": 0.8, "kid_subsets": 3, "kid_subset_size": 20}
     one = bootstrap_intervals(gen, ref, stats, metrics, seed=7, **kw)
     two = bootstrap_intervals(gen, ref, stats, metrics, seed=7, **kw)
     other = bootstrap_intervals(gen, ref, stats, metrics, seed=8, **kw)
