@@ -82,28 +82,29 @@ def fixed_reference(stats: FeatureStatistics) -> FixedReference:
     return FixedReference(stats.mu, float(np.trace(stats.sigma)), psd_sqrt(stats.sigma))
 
 
-def frechet_distance_to_fixed_reference(features: np.ndarray, counts: np.ndarray, ref: FixedReference) -> float:
+def frechet_distance_to_fixed_reference(
+    features: np.ndarray, counts: np.ndarray, ref: FixedReference, projected: np.ndarray | None = None
+) -> float:
     """FID (Heusel et al. 2017, eq. 6) of the count-weighted generated set against a fixed reference.
 
-    tr (S1 S2)^(1/2) = tr (R S1 R)^(1/2) with R = S2^(1/2) (R S1 R is symmetric PSD, so its root's
-    trace is the sum of the square roots of its eigenvalues); S1 is the unbiased covariance of the
-    resample, n = sum(counts). With n <= D the eigenvalues are the squared singular values of the
-    n x D weighted, centred features times R.
+    tr (S1 S2)^(1/2) = tr (R S1 R)^(1/2) with R = S2^(1/2); R S1 R = Yc^T Yc for the weighted,
+    centred projections Yc = sqrt(c / (n - 1)) (X R - mean), so its nonzero eigenvalues are those
+    of Yc Yc^T (n x n, used when n <= D) or of Yc^T Yc (D x D).
+    S1 is the unbiased covariance of the resample, n = sum(counts). ``projected`` = X R, computed
+    once for many resamples.
     """
     x = np.asarray(features, np.float64)
+    y = x @ ref.root if projected is None else projected
     counts = np.asarray(counts, np.float64)
-    n = counts.sum()
-    mu = counts @ x / n
-    xc = (x - mu) * np.sqrt(counts)[:, None]
-    xc = xc[counts > 0]
+    keep = counts > 0
+    x, y, w = x[keep], y[keep], counts[keep]
+    n = w.sum()
+    mu = w @ x / n
+    tr_sigma = float(w @ np.sum((x - mu) ** 2, axis=1) / (n - 1))
+    yc = (y - w @ y / n) * np.sqrt(w / (n - 1))[:, None]
+    gram = yc @ yc.T if yc.shape[0] <= yc.shape[1] else yc.T @ yc  # same nonzero eigenvalues
+    tr_covmean = float(np.sqrt(np.clip(np.linalg.eigvalsh(gram), 0, None)).sum())
     diff = mu - ref.mu
-    if xc.shape[0] <= x.shape[1]:
-        sv = np.linalg.svd(xc @ ref.root, compute_uv=False) / np.sqrt(n - 1)
-        tr_covmean, tr_sigma = float(sv.sum()), float(np.sum(xc * xc) / (n - 1))
-    else:
-        sigma = xc.T @ xc / (n - 1)
-        eig = np.linalg.eigvalsh(ref.root @ sigma @ ref.root)
-        tr_covmean, tr_sigma = float(np.sqrt(np.clip(eig, 0, None)).sum()), float(np.trace(sigma))
     return float(diff @ diff + tr_sigma + ref.trace - 2 * tr_covmean)
 
 
@@ -166,7 +167,8 @@ def bootstrap_intervals(
         feats = _check_features(f"{metric} generated", generated[layer])
         stats = reference_stats.get(layer) or feature_statistics(reference[layer])
         ref = fixed_reference(stats)
-        out[metric] = interval([frechet_distance_to_fixed_reference(feats, c, ref) for c in counts])
+        projected = feats @ ref.root
+        out[metric] = interval([frechet_distance_to_fixed_reference(feats, c, ref, projected) for c in counts])
     if "pr" in metrics:
         if progress:
             progress("pr")
