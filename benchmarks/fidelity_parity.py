@@ -7,8 +7,8 @@ head (that file has no head). FID, KID and precision/recall therefore use the re
 pool3 features; IS uses the made-up head, so its value only checks that both tools compute the
 same thing, it is not a meaningful Inception Score.
 
-Folders: ``real`` = shapes10 images (seed 0); ``generated`` = shapes10 images of another seed
-with Gaussian pixel noise (std 20), as PNG files. Ours: ``evaluation.features.extract_features``
+Folders: ``real`` = shapes10 images (seed 0); ``generated`` = shapes10 images of another seed,
+the second half with Gaussian pixel noise (std 20), as PNG files. Ours: ``evaluation.features.extract_features``
 + ``evaluation.metrics.compute_metrics``; theirs: ``fidelity --cpu --json --isc --fid --kid --prc
 --feature-extractor inception-v3-compat --feature-extractor-weights-path W``.
 
@@ -44,7 +44,8 @@ def write_folders(root: Path, count: int) -> tuple[Path, Path]:
     rng = np.random.default_rng(0)
     real, _ = shapes10_batch(0, count, seed=0)
     generated, _ = shapes10_batch(0, count, seed=1)
-    generated = np.clip(generated.astype(np.float64) + rng.normal(0, 20, generated.shape), 0, 255).astype(np.uint8)
+    noisy = np.clip(generated.astype(np.float64) + rng.normal(0, 20, generated.shape), 0, 255).astype(np.uint8)
+    generated[count // 2:] = noisy[count // 2:]  # half clean, half noisy: precision and recall strictly inside (0, 1)
     folders = root / "generated", root / "real"
     for folder, images in zip(folders, (generated, real)):
         folder.mkdir(parents=True, exist_ok=True)

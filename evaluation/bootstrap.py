@@ -7,8 +7,8 @@ percentile interval (Efron & Tibshirani 1993, eq. 13.5). All metrics use the sam
 (paired), drawn from ``seed`` alone, so an interval is reproducible.
 
 A resample is a vector of counts (how often each generated sample is drawn), which lets the
-Frechet distance use weighted moments (no copy of the features) and a reference matrix square
-root computed once; precision and recall keep each sample's k-NN radius from the full sets
+Frechet distance use weighted moments (no copy of the features) and a factor of the reference
+covariance computed once; precision and recall keep each sample's k-NN radius from the full sets
 (a resample repeats samples, and a repeated sample would otherwise be its own neighbour).
 """
 
@@ -31,8 +31,8 @@ from evaluation.metrics import (
 )
 
 __all__ = ["BOOTSTRAPPED", "FixedReference", "Interval", "bootstrap_counts", "bootstrap_intervals",
-           "fixed_reference", "frechet_distance_to_fixed_reference", "k_nn_radii", "percentile_interval",
-           "precision_recall_of_counts", "psd_sqrt"]
+           "fixed_reference", "fixed_reference_of_features", "frechet_distance_to_fixed_reference", "k_nn_radii",
+           "percentile_interval", "precision_recall_of_counts"]
 
 BOOTSTRAPPED = ("fid", "sfid", "fd_dinov2", "precision", "recall", "kid")
 
@@ -65,21 +65,26 @@ def percentile_interval(values: np.ndarray, level: float) -> tuple[float, float]
     return float(low), float(high)
 
 
-def psd_sqrt(matrix: np.ndarray) -> np.ndarray:
-    """Symmetric square root of a positive semi-definite matrix (negative rounding clipped to 0)."""
-    w, v = np.linalg.eigh((matrix + matrix.T) / 2)
-    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-
-
 @dataclass(frozen=True)
 class FixedReference:
     mu: np.ndarray
     trace: float
-    root: np.ndarray  # S_ref^(1/2)
+    factor: np.ndarray  # L (D x r) with S_ref = L L^T
 
 
 def fixed_reference(stats: FeatureStatistics) -> FixedReference:
-    return FixedReference(stats.mu, float(np.trace(stats.sigma)), psd_sqrt(stats.sigma))
+    """The reference Gaussian with a factor of its covariance, from its statistics (a D x D eigenproblem)."""
+    w, v = np.linalg.eigh((stats.sigma + stats.sigma.T) / 2)
+    keep = w > 0
+    return FixedReference(stats.mu, float(np.trace(stats.sigma)), v[:, keep] * np.sqrt(w[keep]))
+
+
+def fixed_reference_of_features(features: np.ndarray) -> FixedReference:
+    """The same from the reference features themselves: S_ref = Xc^T Xc / (m - 1), so L = Xc^T / sqrt(m - 1)
+    (no eigenproblem; the cheap form when the reference set is smaller than the dimension)."""
+    x = np.asarray(features, np.float64)
+    xc = (x - x.mean(axis=0)) / np.sqrt(x.shape[0] - 1)
+    return FixedReference(x.mean(axis=0), float(np.sum(xc * xc)), xc.T)
 
 
 def frechet_distance_to_fixed_reference(
@@ -87,14 +92,14 @@ def frechet_distance_to_fixed_reference(
 ) -> float:
     """FID (Heusel et al. 2017, eq. 6) of the count-weighted generated set against a fixed reference.
 
-    tr (S1 S2)^(1/2) = tr (R S1 R)^(1/2) with R = S2^(1/2); R S1 R = Yc^T Yc for the weighted,
-    centred projections Yc = sqrt(c / (n - 1)) (X R - mean), so its nonzero eigenvalues are those
-    of Yc Yc^T (n x n, used when n <= D) or of Yc^T Yc (D x D).
-    S1 is the unbiased covariance of the resample, n = sum(counts). ``projected`` = X R, computed
+    With S2 = L L^T, the eigenvalues of S1 S2 are those of L^T S1 L = Yc^T Yc for the weighted,
+    centred projections Yc = sqrt(c / (n - 1)) (X L - mean), so tr (S1 S2)^(1/2) is the sum of the
+    square roots of the eigenvalues of Yc Yc^T (n x n) or Yc^T Yc (r x r), whichever is smaller.
+    S1 is the unbiased covariance of the resample, n = sum(counts). ``projected`` = X L, computed
     once for many resamples.
     """
     x = np.asarray(features, np.float64)
-    y = x @ ref.root if projected is None else projected
+    y = x @ ref.factor if projected is None else projected
     counts = np.asarray(counts, np.float64)
     keep = counts > 0
     x, y, w = x[keep], y[keep], counts[keep]
@@ -165,9 +170,11 @@ def bootstrap_intervals(
         if progress:
             progress(metric)
         feats = _check_features(f"{metric} generated", generated[layer])
-        stats = reference_stats.get(layer) or feature_statistics(reference[layer])
-        ref = fixed_reference(stats)
-        projected = feats @ ref.root
+        if layer in reference and len(reference[layer]) <= feats.shape[1]:
+            ref = fixed_reference_of_features(reference[layer])
+        else:
+            ref = fixed_reference(reference_stats.get(layer) or feature_statistics(reference[layer]))
+        projected = feats @ ref.factor
         out[metric] = interval([frechet_distance_to_fixed_reference(feats, c, ref, projected) for c in counts])
     if "pr" in metrics:
         if progress:

@@ -10,6 +10,7 @@ from evaluation.bootstrap import (
     bootstrap_counts,
     bootstrap_intervals,
     fixed_reference,
+    fixed_reference_of_features,
     frechet_distance_to_fixed_reference,
     percentile_interval,
     precision_recall_of_counts,
@@ -41,13 +42,14 @@ def test_bootstrap_fid_interval_covers_the_true_fid_at_the_nominal_rate():
     assert abs(rate - level) <= 3 * sd, f"coverage {rate:.3f} vs nominal {level} (3 sd = {3 * sd:.3f})"
 
 
-@pytest.mark.parametrize("n", [20, 300])  # n <= D (SVD form) and n > D (eigenvalue form)
-def test_fixed_reference_frechet_distance_equals_torch_fidelity_on_the_resampled_set(n):
+@pytest.mark.parametrize("n, m", [(20, 500), (300, 500), (20, 30), (300, 30)])  # n, m below / above D
+def test_fixed_reference_frechet_distance_equals_torch_fidelity_on_the_resampled_set(n, m):
     rng = np.random.default_rng(1)
     d = 48
     x = rng.standard_normal((n, d)) * rng.uniform(0.5, 2, d) + 0.2
-    ref = feature_statistics(rng.standard_normal((500, d)) @ rng.standard_normal((d, d)) * 0.3)
-    fixed = fixed_reference(ref)
+    ref_feats = rng.standard_normal((m, d)) @ rng.standard_normal((d, d)) * 0.3
+    ref = feature_statistics(ref_feats)
+    fixed = fixed_reference(ref) if m > d else fixed_reference_of_features(ref_feats)
     ones = np.ones(n, np.int64)
     assert frechet_distance_to_fixed_reference(x, ones, fixed) == pytest.approx(
         frechet_distance(feature_statistics(x), ref), rel=1e-7)
