@@ -5,7 +5,8 @@ head), on images resized to 224 x 224 with bicubic interpolation and normalised 
 ImageNet mean and standard deviation, as in Stein et al.'s ``dgm-eval``.
 
 The network is timm's ``vit_large_patch14_dinov2``, built with ``pretrained=False`` (no download)
-and loaded from a local file in either published layout:
+and loaded from a local file (``eval.dinov2_weights``, else torch hub's cache
+``<torch hub dir>/checkpoints/dinov2_vitl14_pretrain.pth``) in either published layout:
 
 - timm's (``model.safetensors`` of ``timm/vit_large_patch14_dinov2.lvd142m``), or
 - torch hub's (``dinov2_vitl14_pretrain.pth`` of facebookresearch/dinov2: has ``mask_token``),
@@ -35,7 +36,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_featur
 from evaluation.inception import ExtractorSource, MissingWeightsError, file_sha256
 
 __all__ = ["DINOV2_EXTRACTOR", "DINOV2_FEATURE", "FeatureExtractorDinoV2Local", "build_dinov2",
-           "load_dinov2_state_dict", "resolve_dinov2"]
+           "load_dinov2_state_dict", "resolve_dinov2", "torch_hub_cache_path"]
 
 DINOV2_EXTRACTOR = "dinov2-vit-l-14-local"
 DINOV2_FEATURE = "dinov2"
@@ -44,13 +45,15 @@ INPUT_SIZE = 224
 HEAD_DIM = 64  # every DINOv2 ViT (S/B/L/G) uses 64-dimensional attention heads
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+HUB_FILE = "dinov2_vitl14_pretrain.pth"
 VIT_L14 = {"embed_dim": 1024, "depth": 24, "num_heads": 16, "patch_size": 14}
 
 
 def _how_to_provide(reason: str) -> str:
     return (
         f"no DINOv2 weights for FD-DINOv2 ({reason}). Provide ViT-L/14 weights as a local file and set "
-        f"eval.dinov2_weights=PATH (launch/evaluate.py --dinov2-weights PATH); either layout loads:\n"
+        f"eval.dinov2_weights=PATH (launch/evaluate.py --dinov2-weights PATH), or put torch hub's file at "
+        f"{torch_hub_cache_path()}; either layout loads:\n"
         f"  - timm's model.safetensors of timm/vit_large_patch14_dinov2.lvd142m (Hugging Face), or\n"
         f"  - torch hub's dinov2_vitl14_pretrain.pth "
         f"(https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth)."
@@ -142,10 +145,19 @@ if DINOV2_EXTRACTOR not in FEATURE_EXTRACTORS_REGISTRY:
     register_feature_extractor(DINOV2_EXTRACTOR, FeatureExtractorDinoV2Local)
 
 
+def torch_hub_cache_path() -> Path:
+    """Where ``torch.hub.load("facebookresearch/dinov2", "dinov2_vitl14")`` keeps the weights it downloads."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / HUB_FILE
+
+
 def resolve_dinov2(weights_path: str | Path | None) -> ExtractorSource:
-    """The DINOv2 extractor of ``eval.dinov2_weights``; :class:`MissingWeightsError` when absent."""
+    """The DINOv2 extractor of ``eval.dinov2_weights``, else torch hub's cached file;
+    :class:`MissingWeightsError` when neither exists (nothing is downloaded)."""
     if weights_path is None:
-        raise MissingWeightsError(_how_to_provide("eval.dinov2_weights is not set"))
+        cached = torch_hub_cache_path()
+        if cached.is_file():
+            return ExtractorSource(DINOV2_EXTRACTOR, str(cached), "torch-hub-cache", file_sha256(cached), False)
+        raise MissingWeightsError(_how_to_provide(f"eval.dinov2_weights is not set and {cached} does not exist"))
     path = Path(weights_path).expanduser()
     if not path.is_file():
         raise MissingWeightsError(_how_to_provide(f"eval.dinov2_weights='{weights_path}' is not a file"))

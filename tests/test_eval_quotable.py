@@ -91,9 +91,11 @@ def test_cli_seed_sets_report_each_and_their_spread(tmp_path, capsys):
     (["--metrics", "fid,sfd"], "eval.metrics"),
     (["--bootstrap-resamples", "1"], "bootstrap_resamples"),
 ])
-def test_cli_bad_input_exits_2_before_anything_runs(tmp_path, capsys, args, message):
+def test_cli_bad_input_exits_2_before_anything_runs(tmp_path, capsys, monkeypatch, args, message):
     """launch/evaluate.py's main, in this process (tests/test_eval_cli.py runs it as a subprocess)."""
     from launch.evaluate import main
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # no cached DINOv2 file
 
     run = tmp_path / "run"
     run.mkdir()

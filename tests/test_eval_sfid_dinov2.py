@@ -135,9 +135,19 @@ def test_dinov2_extractor_bicubic_224_imagenet_normalised_cls_and_fd_of_a_set_ag
     assert abs(compute_metrics(feats, feats, metrics=("fd_dinov2",))["fd_dinov2"]) < 1e-6
 
 
-def test_missing_or_wrong_dinov2_weights_are_clear_errors(tmp_path):
-    with pytest.raises(inception.MissingWeightsError, match="eval.dinov2_weights is not set"):
+def test_dinov2_weights_from_torch_hub_cache_or_a_clear_error(tmp_path, monkeypatch, dinov2_files):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    with pytest.raises(inception.MissingWeightsError, match="eval.dinov2_weights is not set") as err:
         resolve_dinov2(None)
+    cached = tmp_path / "torch-home" / "hub" / "checkpoints" / "dinov2_vitl14_pretrain.pth"
+    assert str(cached) in str(err.value) and "--dinov2-weights" in str(err.value)
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(dinov2_files[2].read_bytes())  # torch hub's layout
+    source = resolve_dinov2(None)
+    assert source.origin == "torch-hub-cache" and source.weights_path == str(cached)
+
+
+def test_missing_or_wrong_dinov2_weights_are_clear_errors(tmp_path):
     with pytest.raises(inception.MissingWeightsError, match="is not a file.*--dinov2-weights"):
         resolve_dinov2(tmp_path / "nope.pth")
     torch.save({"weight": torch.zeros(2)}, tmp_path / "other.pth")
