@@ -17,23 +17,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from evaluation.bpd import CheckpointModel, bits_per_dim
 from evaluation.features import feature_layers
-from evaluation.inception import ExtractorSource, resolve_feature_extractor
-from evaluation.metrics import compute_metrics
 from evaluation.model_sampling import CheckpointSampleFn, SamplerSettings
-from evaluation.reference import ReferenceFeatures, ShardItem, features_of_shards, reference_features
 from evaluation.report import (
     append_table,
+    interval_columns,
     library_versions,
     plot_metrics,
     utc_now,
     write_metrics_json,
     write_tensorboard,
 )
-from evaluation.sampling import SampleFn, generate_samples, plan_shards, sample_seeds, shard_name, write_openai_npz
+from evaluation.sampling import SampleFn, generate_samples, sample_seeds, write_openai_npz
+from evaluation.scoring import resolve_sources, score_samples
 from pipeline.config import EvalConfig, ExperimentConfig
 from pipeline.data import storage
 from pipeline.diffusion.registry import sampler_spec
@@ -128,28 +125,6 @@ def _model_resolution(cfg: ExperimentConfig) -> int:
     return int(resolve_preset(cfg.model.preset, **dict(cfg.model.overrides)).image_size)
 
 
-def _generated_features(out_url: str, cfg: EvalConfig, source: ExtractorSource, progress: bool,
-                        ray_address: str | None) -> dict[str, np.ndarray]:
-    """Features of the sample shards, cached beside them (keyed by extractor and weights)."""
-    cache = storage.join(out_url, f"features-{source.name}-{source.sha256[:12]}.npz")
-    if storage.exists(cache):
-        with np.load(io.BytesIO(storage.read_bytes(cache))) as data:
-            feats = {k: data[k] for k in data.files}
-        if all(layer in feats for layer in feature_layers(source)) and len(feats["2048"]) == cfg.num_samples:
-            return feats
-    shards = plan_shards(cfg.num_samples, cfg.samples_per_shard)
-    feats = features_of_shards(
-        source, [ShardItem(storage.join(out_url, shard_name(s.index)), s.count) for s in shards],
-        num_workers=cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker, gpus_per_worker=cfg.gpus_per_worker,
-        batch_size=cfg.batch_size,
-        timeout_s=cfg.worker_timeout_s, progress="sample features" if progress else None, ray_address=ray_address,
-    )
-    buffer = io.BytesIO()
-    np.savez(buffer, **feats)
-    storage.write_bytes(cache, buffer.getvalue())
-    return feats
-
-
 def evaluate_checkpoint(
     cfg: ExperimentConfig,
     run_url: str,
@@ -184,15 +159,11 @@ def evaluate_checkpoint(
     model = cfg.model.model_dump(mode="json")
     diffusion = cfg.diffusion.model_dump(mode="json")
     device = "cuda" if ev.gpus_per_worker > 0 else "cpu"
-    wanted = tuple(m for m in ev.metrics if m != "bpd")
     timings: dict[str, float] = {}
 
-    # Resolve the feature extractor first: a missing weights file fails before an hour of sampling.
-    source = None
-    if wanted:
-        source = resolve_feature_extractor(ev.feature_extractor, ev.inception_weights,
-                                           allow_download=ev.download_weights,
-                                           download_timeout_s=ev.download_timeout_s)
+    # Resolve the feature extractors first: a missing weights file fails before an hour of sampling.
+    sources = resolve_sources(ev)
+    source = sources[0]
     builder = sample_fn_builder or CheckpointSampleFn(run_url, ckpt.images_seen, ema_rate, model, diffusion,
                                                       settings, device, classifier,
                                                       posthoc_sigma=None if posthoc is None else posthoc["sigma_rel"])
@@ -212,11 +183,23 @@ def evaluate_checkpoint(
     timings["sampling_s"] = time.perf_counter() - start
     npz_url = write_openai_npz(out_url, ev.num_samples, ev.samples_per_shard) if ev.write_npz else None
 
-    metrics, skipped, reference = _compute_metrics(cfg, run_url, ckpt, ema_rate, out_url, source, wanted,
-                                                   custom=sample_fn_builder is not None, timings=timings,
-                                                   progress=progress, ray_address=ray_address,
-                                                   posthoc=posthoc is not None)
     reference_url = ev.reference_url or cfg.data.url
+    scores = score_samples(ev, out_url, sources, reference_url,
+                           _model_resolution(cfg) if sample_fn_builder is None else None, progress, ray_address)
+    metrics: dict[str, Any] = scores.metrics
+    skipped, reference = scores.skipped, scores.reference
+    timings.update(scores.timings)
+    if "bpd" in ev.metrics and posthoc is not None:
+        skipped["bpd"] = "bits/dim reads a checkpoint's EMA; not computed for post-hoc EMA weights"
+    elif "bpd" in ev.metrics:
+        start = time.perf_counter()
+        metrics.update(bits_per_dim(
+            CheckpointModel(run_url, ckpt.images_seen, ema_rate, model, diffusion), ev.bpd_url or cfg.data.url,
+            max_images=ev.bpd_max_images, eval_seed=ev.seed, batch_size=ev.batch_size, num_workers=ev.num_workers,
+            cpus_per_worker=ev.cpus_per_worker, gpus_per_worker=ev.gpus_per_worker, timeout_s=ev.worker_timeout_s,
+            progress=progress, ray_address=ray_address,
+        ))
+        timings["bpd_s"] = time.perf_counter() - start
     record = {
         "run": run_url,
         "checkpoint": {"name": ckpt.name, "path": ckpt.rel, "images_seen": ckpt.images_seen,
@@ -234,12 +217,16 @@ def evaluate_checkpoint(
                     "num_workers": ev.num_workers, "shards_generated": len(generation.generated),
                     "shards_reused": len(generation.skipped), "npz": npz_url,
                     "images_per_second": generation.images_per_second},
-        "reference": reference.provenance(reference_url) if reference else None,
+        "reference": reference.provenance(ev.reference_url or cfg.data.url) if reference else None,
         "feature_extractor": source.provenance() if source else None,
+        "dinov2": _dinov2_provenance(sources[1], scores.dinov2_reference, ev.reference_url or cfg.data.url),
         "metric_settings": {"metrics": list(ev.metrics), "pr_k": ev.pr_k, "kid_subsets": ev.kid_subsets,
                             "kid_subset_size": ev.kid_subset_size, "is_splits": ev.is_splits,
-                            "inception_layers": list(feature_layers(source)) if source else []},
+                            "inception_layers": list(feature_layers(source)) if source else [],
+                            "bootstrap": {"resamples": ev.bootstrap_resamples, "seed": ev.bootstrap_seed,
+                                          "level": ev.bootstrap_level, "kid_subsets": ev.bootstrap_kid_subsets}},
         "metrics": metrics,
+        "intervals": scores.intervals,
         "skipped": skipped,
         "timings": timings,
         "versions": library_versions(),
@@ -247,55 +234,6 @@ def evaluate_checkpoint(
     }
     _record(run_url, out_url, record)
     return EvalResult(out_url, record)
-
-
-def _compute_metrics(cfg: ExperimentConfig, run_url: str, ckpt: Checkpoint, ema_rate: float, out_url: str,
-                     source: ExtractorSource | None, wanted: tuple[str, ...], *, custom: bool,
-                     timings: dict[str, float], progress: bool, ray_address: str | None, posthoc: bool = False):
-    """(metrics, skipped metrics with why, reference features or None, extractor) of the sample shards."""
-    ev = cfg.eval
-    model = cfg.model.model_dump(mode="json")
-    diffusion = cfg.diffusion.model_dump(mode="json")
-    metrics: dict[str, Any] = {}
-    skipped: dict[str, str] = {}
-    reference: ReferenceFeatures | None = None
-    reference_url = ev.reference_url or cfg.data.url
-    if source is not None:
-        if "is" in wanted and not source.has_logits:
-            skipped["is"] = f"feature extractor {source.name} ({source.weights_path}) has no classifier logits"
-            wanted = tuple(m for m in wanted if m != "is")
-        start = time.perf_counter()
-        if any(m in wanted for m in ("fid", "pr", "kid")):
-            reference = reference_features(
-                reference_url, source, ev.reference_cache, ev.reference_max_images,
-                resolution=None if custom else _model_resolution(cfg), num_workers=ev.num_workers,
-                cpus_per_worker=ev.cpus_per_worker, gpus_per_worker=ev.gpus_per_worker, batch_size=ev.batch_size,
-                timeout_s=ev.worker_timeout_s, progress=progress, ray_address=ray_address,
-            )
-        timings["reference_s"] = time.perf_counter() - start
-        start = time.perf_counter()
-        generated = _generated_features(out_url, ev, source, progress, ray_address)
-        timings["features_s"] = time.perf_counter() - start
-        start = time.perf_counter()
-        metrics.update(compute_metrics(
-            generated, reference.features if reference else {}, reference.stats if reference else None,
-            metrics=wanted, pr_k=ev.pr_k, kid_subsets=ev.kid_subsets, kid_subset_size=ev.kid_subset_size,
-            is_splits=ev.is_splits,
-        ))
-        timings["metrics_s"] = time.perf_counter() - start
-    if "bpd" in ev.metrics and posthoc:
-        skipped["bpd"] = "bits/dim reads a checkpoint's EMA; not computed for post-hoc EMA weights"
-    elif "bpd" in ev.metrics:
-        start = time.perf_counter()
-        metrics.update(bits_per_dim(
-            CheckpointModel(run_url, ckpt.images_seen, ema_rate, model, diffusion), ev.bpd_url or cfg.data.url,
-            max_images=ev.bpd_max_images, eval_seed=ev.seed, batch_size=ev.batch_size, num_workers=ev.num_workers,
-            cpus_per_worker=ev.cpus_per_worker, gpus_per_worker=ev.gpus_per_worker, timeout_s=ev.worker_timeout_s,
-            progress=progress,
-            ray_address=ray_address,
-        ))
-        timings["bpd_s"] = time.perf_counter() - start
-    return metrics, skipped, reference
 
 
 def _posthoc_checkpoint(run_url: str, sigma_rel: float, at: str | int) -> tuple[Checkpoint, dict[str, Any]]:
@@ -371,12 +309,22 @@ def _record(run_url: str, out_url: str, record: dict[str, Any]) -> None:
     images_seen = record["checkpoint"]["images_seen"]
     row = {"checkpoint": record["checkpoint"]["name"], "images_seen": images_seen, "name": record["name"],
            "num_samples": record["num_samples"], "created_utc": record["created_utc"],
-           "feature_extractor": (record["feature_extractor"] or {}).get("feature_extractor"), **metrics}
+           "feature_extractor": (record["feature_extractor"] or {}).get("feature_extractor"), **metrics,
+           **interval_columns(record.get("intervals") or {})}
     rows = append_table(storage.join(run_url, "eval", "metrics.tsv"), row)
     plot_metrics(rows, storage.join(run_url, "eval", "metrics.png"))
     scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not k.endswith("_count")}
     write_tensorboard(storage.join(run_url, "logs", "eval"), record["name"], images_seen, scalars)
     write_metrics_json(storage.join(out_url, METRICS_FILE), record)  # last: marks the evaluation done
+
+
+def _dinov2_provenance(source, reference, reference_url: str) -> dict[str, Any] | None:
+    if source is None:
+        return None
+    from evaluation.dinov2 import is_vit_l14
+
+    return {**source.provenance(), "vit_l14": is_vit_l14(source.weights_path),
+            "reference": reference.provenance(reference_url) if reference else None}
 
 
 def pending_checkpoints(cfg: ExperimentConfig, run_url: str) -> list[Checkpoint]:

@@ -1,4 +1,4 @@
-"""Sample-quality metrics as pure functions over Inception features (no I/O, no networks).
+"""Sample-quality metrics as pure functions over Inception / DINOv2 features (no I/O, no networks).
 
 Each metric delegates its arithmetic to torch-fidelity's own feature-level function, so a number
 here is the number torch-fidelity would report for the same features; this module only fixes
@@ -20,8 +20,10 @@ from torch_fidelity.metric_kid import kid_features_to_metric
 from torch_fidelity.metric_prc import prc_features_to_metric
 
 __all__ = [
-    "FeatureStatistics",
+    "DINOV2",
     "METRIC_NAMES",
+    "SPATIAL",
+    "FeatureStatistics",
     "compute_metrics",
     "feature_statistics",
     "frechet_distance",
@@ -31,9 +33,12 @@ __all__ = [
     "precision_recall",
 ]
 
-METRIC_NAMES = ("fid", "is", "pr", "kid")
+METRIC_NAMES = ("fid", "sfid", "is", "pr", "kid", "fd_dinov2")
 POOL = "2048"  # pool3 features: FID, KID, precision/recall
 LOGITS = "logits_unbiased"  # Inception Score
+SPATIAL = "mixed_6_conv"  # sFID (Nash et al. 2021): first 7 channels of mixed_6/conv, 7 x 17 x 17 = 2023
+DINOV2 = "dinov2"  # FD-DINOv2 (Stein et al. 2023): CLS token of DINOv2 ViT-L/14
+FRECHET_LAYERS = {"fid": POOL, "sfid": SPATIAL, "fd_dinov2": DINOV2}  # Frechet distances and their features
 
 
 @dataclass(frozen=True)
@@ -147,10 +152,26 @@ def precision_recall(generated: np.ndarray, reference: np.ndarray, k: int = 3) -
     return float(out["precision"]), float(out["recall"])
 
 
+def _frechet_of_layer(
+    layer: str, generated: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray],
+    reference_stats: Mapping[str, FeatureStatistics],
+) -> float:
+    """Heusel et al. eq. 6 on one feature layer: exact low-rank form for small sets, else statistics."""
+    if layer not in generated:
+        raise ValueError(f"metrics: generated features have no '{layer}' layer (have {sorted(generated)})")
+    gen = np.asarray(generated[layer])
+    if layer in reference and max(len(gen), len(reference[layer])) <= gen.shape[1]:
+        return frechet_distance_of_features(gen, reference[layer])
+    if layer not in reference_stats and layer not in reference:
+        raise ValueError(f"metrics: the Frechet distance on '{layer}' needs reference features or statistics")
+    ref_stats = reference_stats[layer] if layer in reference_stats else feature_statistics(reference[layer])
+    return frechet_distance(feature_statistics(gen), ref_stats)
+
+
 def compute_metrics(
     generated: Mapping[str, np.ndarray],
     reference: Mapping[str, np.ndarray],
-    reference_stats: FeatureStatistics | None = None,
+    reference_stats: FeatureStatistics | Mapping[str, FeatureStatistics] | None = None,
     metrics: tuple[str, ...] = METRIC_NAMES,
     pr_k: int = 3,
     kid_subsets: int = 100,
@@ -158,24 +179,23 @@ def compute_metrics(
     is_splits: int = 10,
     seed: int = 2020,
 ) -> dict[str, float]:
-    """All requested metrics from one pass of features.
+    """All requested metrics from one pass of features per network.
 
-    ``generated`` holds ``"2048"`` (pool3) and, for IS, ``"logits_unbiased"``; ``reference``
-    holds ``"2048"`` or, for FID alone, ``reference_stats`` (a cached mean and covariance).
+    ``generated`` holds ``"2048"`` (pool3), for sFID ``"mixed_6_conv"``, for IS
+    ``"logits_unbiased"``, for FD-DINOv2 ``"dinov2"``; ``reference`` holds the same layers'
+    features or, for the Frechet distances alone, ``reference_stats`` (cached mean and
+    covariance per layer; a bare :class:`FeatureStatistics` is the pool3 one).
     """
     unknown = [m for m in metrics if m not in METRIC_NAMES]
     if unknown:
         raise ValueError(f"metrics: {unknown} not allowed; allowed: {', '.join(METRIC_NAMES)}")
+    if isinstance(reference_stats, FeatureStatistics):
+        reference_stats = {POOL: reference_stats}
+    reference_stats = dict(reference_stats or {})
     out: dict[str, float] = {}
-    if "fid" in metrics:
-        gen = np.asarray(generated[POOL])
-        if POOL in reference and max(len(gen), len(reference[POOL])) <= gen.shape[1]:
-            out["fid"] = frechet_distance_of_features(gen, reference[POOL])
-        else:
-            if reference_stats is None and POOL not in reference:
-                raise ValueError("metrics: 'fid' needs reference features or reference_stats")
-            ref_stats = reference_stats or feature_statistics(reference[POOL])
-            out["fid"] = frechet_distance(feature_statistics(gen), ref_stats)
+    for metric, layer in FRECHET_LAYERS.items():
+        if metric in metrics:
+            out[metric] = _frechet_of_layer(layer, generated, reference, reference_stats)
     if "is" in metrics:
         if LOGITS not in generated:
             raise ValueError("metrics: 'is' needs Inception logits, which this feature extractor does not provide")

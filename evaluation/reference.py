@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from evaluation.features import extract_features, get_extractor
+from evaluation.features import extract_features, feature_layers, get_extractor, main_layer
 from evaluation.inception import ExtractorSource
-from evaluation.metrics import POOL, FeatureStatistics, feature_statistics
+from evaluation.metrics import SPATIAL, FeatureStatistics, feature_statistics
 from evaluation.pool import run_on_pool
 from pipeline.data import storage
 from pipeline.data.images import center_crop_resize
@@ -169,16 +169,29 @@ def leading_shards(items: Sequence[ShardItem], max_images: int | None) -> list[S
 
 @dataclass(frozen=True)
 class ReferenceFeatures:
-    features: dict[str, np.ndarray]  # {"2048": (N, 2048)}
-    stats: FeatureStatistics
+    features: dict[str, np.ndarray]  # {main layer: (N, D)}: "2048" for Inception, "dinov2" for DINOv2
+    stats: FeatureStatistics  # of the main layer
     manifest_sha256: str
     cache_url: str
     from_cache: bool
     resolution: int | None
+    layer_stats: dict[str, FeatureStatistics] = dataclasses.field(default_factory=dict)  # every layer's
 
     def provenance(self, dataset_url: str) -> dict:
         return {"dataset_url": dataset_url, "manifest_sha256": self.manifest_sha256, "count": self.stats.count,
                 "resolution": self.resolution, "cache_url": self.cache_url, "from_cache": self.from_cache}
+
+
+def _read_cache(data, source: ExtractorSource) -> tuple[dict, dict] | None:
+    """(features, per-layer statistics) of a cache file, or None when it lacks a layer (older format)."""
+    main = main_layer(source)
+    stats = {main: FeatureStatistics.from_arrays(data)}
+    if SPATIAL in feature_layers(source):
+        if "spatial_mu" not in data.files:
+            return None  # written before sFID: recompute
+        stats[SPATIAL] = FeatureStatistics.from_arrays(
+            {"mu": data["spatial_mu"], "sigma": data["spatial_sigma"], "count": data["count"]})
+    return {main: data["features"]}, stats
 
 
 def reference_features(
@@ -195,8 +208,10 @@ def reference_features(
     progress: bool = True,
     ray_address: str | None = None,
 ) -> ReferenceFeatures:
-    """Pool features and statistics of a dataset's images, computed once per (manifest, weights, size).
+    """Features and statistics of a dataset's images, computed once per (manifest, weights, size).
 
+    Keeps the main layer's features (pool3 for Inception: FID, precision/recall, KID; the CLS token
+    for DINOv2) and every layer's mean and covariance (for Inception also mixed_6/conv: sFID).
     ``resolution`` centre-crops/resizes the images first (the size the model generates at), as
     the training reader does; None keeps them as stored.
     """
@@ -204,18 +219,24 @@ def reference_features(
     variant = (f"-n{max_images}" if max_images else "") + (f"-r{resolution}" if resolution else "")
     cache = storage.join(cache_url or default_cache_url(), manifest_sha[:16],
                          f"{source.name}-{source.sha256[:12]}{variant}.npz")
+    main = main_layer(source)
     if storage.exists(cache):
         with np.load(io.BytesIO(storage.read_bytes(cache))) as data:
-            feats = {POOL: data["features"]}
-            stats = FeatureStatistics.from_arrays(data)
-        return ReferenceFeatures(feats, stats, manifest_sha, cache, True, resolution)
+            cached = _read_cache(data, source)
+        if cached is not None:
+            feats, stats = cached
+            return ReferenceFeatures(feats, stats[main], manifest_sha, cache, True, resolution, stats)
     items = [dataclasses.replace(it, resolution=resolution) for it in leading_shards(shards, max_images)]
     feats = features_of_shards(source, items, num_workers=num_workers, cpus_per_worker=cpus_per_worker,
                                gpus_per_worker=gpus_per_worker, batch_size=batch_size, timeout_s=timeout_s,
                                progress="reference features" if progress else None, ray_address=ray_address)
-    pool = feats[POOL][:max_images] if max_images else feats[POOL]
-    stats = feature_statistics(pool)
+    feats = {layer: (v[:max_images] if max_images else v) for layer, v in feats.items()}
+    stats = {main: feature_statistics(feats[main])}
+    extra = {}
+    if SPATIAL in feats:
+        stats[SPATIAL] = feature_statistics(feats[SPATIAL])
+        extra = {"spatial_mu": stats[SPATIAL].mu, "spatial_sigma": stats[SPATIAL].sigma}
     buffer = io.BytesIO()
-    np.savez(buffer, features=pool, **stats.to_arrays())
+    np.savez(buffer, features=feats[main], **stats[main].to_arrays(), **extra)
     storage.write_bytes(cache, buffer.getvalue())
-    return ReferenceFeatures({POOL: pool}, stats, manifest_sha, cache, False, resolution)
+    return ReferenceFeatures({main: feats[main]}, stats[main], manifest_sha, cache, False, resolution, stats)

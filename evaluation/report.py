@@ -13,6 +13,7 @@ import io
 import json
 import platform
 import shutil
+import statistics
 import tempfile
 from collections.abc import Mapping
 from datetime import datetime, timezone
@@ -22,12 +23,32 @@ from typing import Any
 
 from pipeline.data import storage
 
-__all__ = ["TABLE_COLUMNS", "append_table", "library_versions", "plot_metrics", "read_table", "write_metrics_json",
-           "write_tensorboard"]
+__all__ = ["TABLE_COLUMNS", "append_table", "interval_columns", "library_versions", "plot_metrics", "read_table",
+           "seed_spread", "write_metrics_json", "write_tensorboard"]
 
-TABLE_COLUMNS = ("checkpoint", "images_seen", "name", "num_samples", "fid", "is", "precision", "recall", "kid",
-                 "bpd", "feature_extractor", "created_utc")
-PLOTTED = ("fid", "is", "precision", "recall", "kid", "bpd")
+INTERVAL_METRICS = ("fid", "sfid", "fd_dinov2", "precision", "recall", "kid")
+TABLE_COLUMNS = ("checkpoint", "images_seen", "name", "num_samples", "fid", "sfid", "fd_dinov2", "is", "precision",
+                 "recall", "kid", "bpd",
+                 *(f"{m}_{end}" for m in INTERVAL_METRICS for end in ("low", "high")),
+                 "feature_extractor", "created_utc")
+PLOTTED = ("fid", "sfid", "fd_dinov2", "is", "precision", "recall", "kid", "bpd")
+
+
+def interval_columns(intervals: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """metrics.json's ``intervals`` as table columns ``<metric>_low``, ``<metric>_high``."""
+    return {f"{m}_{end}": iv[end] for m, iv in intervals.items() for end in ("low", "high")}
+
+
+def seed_spread(records: list[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each scalar metric over evaluations of several seed sets: the values, their mean and sample std."""
+    out: dict[str, dict[str, Any]] = {}
+    keys = sorted({k for r in records for k, v in r["metrics"].items() if isinstance(v, (int, float))})
+    for key in keys:
+        values = [float(r["metrics"][key]) for r in records if isinstance(r["metrics"].get(key), (int, float))]
+        if len(values) == len(records):
+            std = statistics.stdev(values) if len(values) > 1 else 0.0
+            out[key] = {"values": values, "mean": statistics.fmean(values), "std": std}
+    return out
 
 
 def library_versions() -> dict[str, str]:
@@ -69,7 +90,7 @@ def append_table(url: str, row: Mapping[str, Any]) -> list[dict[str, str]]:
 
 
 def plot_metrics(rows: list[dict[str, str]], url: str) -> None:
-    """One panel per metric, x = images seen, one line per evaluation name."""
+    """One panel per metric, x = images seen, one line per evaluation name; bootstrap intervals as error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -81,11 +102,15 @@ def plot_metrics(rows: list[dict[str, str]], url: str) -> None:
     fig, axes = plt.subplots(1, len(present), figsize=(4 * len(present), 3.2), squeeze=False)
     for ax, metric in zip(axes[0], present):
         for name in sorted({r["name"] for r in rows}):
-            points = sorted((int(r["images_seen"]), float(r[metric]))
+            points = sorted((int(r["images_seen"]), float(r[metric]), r.get(f"{metric}_low"), r.get(f"{metric}_high"))
                             for r in rows if r["name"] == name and r.get(metric))
             if points:
-                xs, ys = zip(*points)
-                ax.plot(xs, ys, marker="o", label=name)
+                xs, ys = [p[0] for p in points], [p[1] for p in points]
+                line, = ax.plot(xs, ys, marker="o", label=name)
+                bars = [(x, y, float(lo), float(hi)) for x, y, lo, hi in points if lo and hi]
+                if bars:  # the percentile interval need not be centred on (or contain) the estimate
+                    ax.vlines([b[0] for b in bars], [b[2] for b in bars], [b[3] for b in bars],
+                              colors=line.get_color(), alpha=0.6, linewidth=2)
         ax.set_title(metric)
         ax.set_xlabel("images seen")
         ax.grid(alpha=0.3)

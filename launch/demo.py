@@ -6,7 +6,7 @@
    over the exact density);
 2. prepare_data: the builtin shapes10 dataset into local WebDataset shards, by Ray tasks;
 3. train: configs/quickstart.yaml (2 Ray workers, DeepSpeed ZeRO-2, EMA, checkpoints);
-4. evaluate: DDIM samples from the newest checkpoint's EMA; FID, precision/recall and KID against
+4. evaluate: DDIM samples from the newest checkpoint's EMA; FID, sFID, precision/recall and KID against
    the data, with the offline NVlabs Inception (TorchScript) as the feature extractor;
 5. export + sample: the EMA weights as safetensors, and a grid generated from the export alone.
 
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     _stage("evaluate the newest checkpoint (EMA, DDIM-25)",
            ["launch/evaluate.py", "--run", str(run), "--checkpoint", "latest", "--num-samples", "256",
             "--steps", "25", "--workers", "2", "--feature-extractor", "inception-v3-tf-torchscript",
-            "--metrics", "fid,pr,kid", "eval.reference_max_images=1000", "eval.samples_per_shard=64",
+            "--metrics", "fid,sfid,pr,kid", "eval.reference_max_images=1000", "eval.samples_per_shard=64",
             "eval.kid_subset_size=200"])
     export = run / "export" / "ema"
     _stage("export the EMA weights (safetensors + config.json + model card)",

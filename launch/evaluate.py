@@ -1,9 +1,10 @@
-"""Evaluate a run's checkpoints: distributed sampling, FID / IS / precision-recall / KID, bits/dim.
+"""Evaluate a run's checkpoints: distributed sampling, FID / sFID / IS / precision-recall / KID / FD-DINOv2, bits/dim.
 
     python launch/evaluate.py --run RUN [--checkpoint latest|IMAGES] [--ema RATE] [--num-samples N]
                               [--sampler NAME --steps S] [--guidance-scale W]
                               [--classifier-run RUN --classifier-scale S] [--workers W] [--watch [--once]]
-                              [--inception-weights PATH] [--feature-extractor NAME] [key=value ...]
+                              [--inception-weights PATH] [--feature-extractor NAME] [--dinov2-weights PATH]
+                              [--metrics fid,sfid,is,pr,kid,fd_dinov2,bpd] [--seeds 0,1,2] [key=value ...]
 
 Reads the resolved ``<run>/config.yaml`` that training saved (or ``--config``), applies the
 flags and dotted overrides (``eval.kid_subset_size=500``), and writes
@@ -11,7 +12,10 @@ flags and dotted overrides (``eval.kid_subset_size=500``), and writes
 once and keeps polling for new ones (``--once``: stop when none is pending). ``--posthoc-sigma
 0.05,0.07,0.10,0.13`` evaluates the post-hoc EMA (EDM2) of each relative length at ``--checkpoint``
 images (default: the run's last ``posthoc_ema`` snapshot), one metrics.json each, and plots the
-metrics against sigma_rel in ``<run>/eval/<images seen>/posthoc_sweep.png``. Without an address
+metrics against sigma_rel in ``<run>/eval/<images seen>/posthoc_sweep.png``. ``--seeds 0,1,2``
+evaluates one checkpoint once per seed set and writes each metric's spread (mean, std) beside
+them. FID, sFID, precision, recall, KID and FD-DINOv2 come with percentile bootstrap intervals
+(``eval.bootstrap_resamples``, ``eval.bootstrap_level``, ``eval.bootstrap_seed``). Without an address
 Ray starts in-process on the loopback address; ``--address`` / ``RAY_ADDRESS`` join a cluster.
 """
 
@@ -41,6 +45,8 @@ _FLAGS = {
     "metrics": "eval.metrics",
     "feature_extractor": "eval.feature_extractor",
     "inception_weights": "eval.inception_weights",
+    "dinov2_weights": "eval.dinov2_weights",
+    "bootstrap_resamples": "eval.bootstrap_resamples",
     "poll_s": "eval.poll_s",
     "guidance_scale": "eval.guidance_scale",
     "classifier_run": "eval.classifier_run",
@@ -73,9 +79,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, help="sampling / feature actors")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--name", help="evaluation folder name (default: derived from the settings)")
-    p.add_argument("--metrics", help="comma list of fid,is,pr,kid,bpd")
+    p.add_argument("--metrics", help="comma list of fid,sfid,is,pr,kid,fd_dinov2,bpd")
     p.add_argument("--feature-extractor", help="inception-v3-compat (default) or inception-v3-tf-torchscript")
     p.add_argument("--inception-weights", help="local Inception weights file (offline clusters)")
+    p.add_argument("--dinov2-weights", help="local DINOv2 ViT-L/14 weights (timm safetensors or torch hub .pth), "
+                   "for fd_dinov2")
+    p.add_argument("--bootstrap-resamples", type=int, help="bootstrap resamples for the intervals (0: none)")
+    p.add_argument("--seeds", help="comma list of evaluation seeds: evaluate each seed set, report their spread")
     p.add_argument("--npz", action="store_true", help="also write samples.npz (openai reference-batch format)")
     p.add_argument("--watch", action="store_true", help="evaluate each newly committed checkpoint once, polling")
     p.add_argument("--once", action="store_true", help="with --watch: stop when nothing is pending")
@@ -119,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config_or_exit(config, build_overrides(args))
 
     from evaluation.evaluate import evaluate_checkpoint, watch
-    from evaluation.inception import MissingWeightsError, resolve_feature_extractor
+    from evaluation.inception import MissingWeightsError
+    from evaluation.scoring import resolve_sources
+    from evaluation.seed_sets import evaluate_seed_sets, parse_seeds
     from pipeline.train.checkpoint import resolve_checkpoint
     from pipeline.train.ray_launch import init_ray
 
@@ -135,10 +147,10 @@ def main(argv: list[str] | None = None) -> int:
             at = None if args.checkpoint == "latest" else _images(args.checkpoint)
             for s in sigmas:  # bad lengths, no snapshots, a time past the last snapshot: before Ray starts
                 posthoc_plan(args.run, s, at)
-        if any(m != "bpd" for m in cfg.eval.metrics):  # fail on missing weights before starting anything
-            resolve_feature_extractor(cfg.eval.feature_extractor, cfg.eval.inception_weights,
-                                      allow_download=cfg.eval.download_weights,
-                                      download_timeout_s=cfg.eval.download_timeout_s)
+        resolve_sources(cfg.eval)  # fail on missing weights before starting anything
+        seeds = parse_seeds(args.seeds) if args.seeds is not None else None
+        if seeds is not None and (args.watch or args.seed is not None or sigmas):
+            raise ValueError("--seeds: not allowed with --watch, --seed or --posthoc-sigma")
         if not args.watch and not sigmas:
             resolve_checkpoint(args.run, args.checkpoint)  # a wrong --checkpoint fails before Ray starts
         init_ray(cfg, address=args.address)
@@ -150,6 +162,11 @@ def main(argv: list[str] | None = None) -> int:
         elif args.watch:
             results = watch(cfg, args.run, once=args.once, progress=progress, on_result=_print_result)
             print(f"evaluated {len(results)} checkpoint(s)")
+        elif seeds is not None:
+            results, summary, url = evaluate_seed_sets(cfg, args.run, args.checkpoint, seeds, progress=progress)
+            for result in results:
+                _print_result(result)
+            _print_spread(summary, url)
         else:
             _print_result(evaluate_checkpoint(cfg, args.run, args.checkpoint, progress=progress))
     except MissingWeightsError as exc:
@@ -194,9 +211,19 @@ def _print_result(result) -> None:
         print(f"feature extractor: {extractor['feature_extractor']} ({extractor['weights_origin']}: "
               f"{extractor['weights_path']})")
     print(json.dumps(record["metrics"], indent=2, sort_keys=True))
+    for metric, iv in sorted((record.get("intervals") or {}).items()):
+        print(f"{metric}: {record['metrics'].get(metric, float('nan')):.6g}, {100 * iv['level']:g}% interval "
+              f"[{iv['low']:.6g}, {iv['high']:.6g}] ({iv['resamples']} bootstrap resamples of the generated set)")
     for metric, why in record["skipped"].items():
         print(f"skipped {metric}: {why}")
     print(f"written: {result.url}/metrics.json", flush=True)
+
+
+def _print_spread(summary, url: str) -> None:
+    print(f"over seed sets {summary['seeds']}:")
+    for metric, s in summary["spread"].items():
+        print(f"  {metric}: mean {s['mean']:.6g}, std {s['std']:.6g}, values {[round(v, 6) for v in s['values']]}")
+    print(f"written: {url}", flush=True)
 
 
 if __name__ == "__main__":

@@ -216,7 +216,8 @@ class EvalConfig(_Section):
     langevin_step_lr: float = Field(2e-5, gt=0)
     seed: int = 0
     num_workers: int = Field(1, ge=1)
-    metrics: tuple[Literal["fid", "is", "pr", "kid", "bpd"], ...] = ("fid", "is", "pr", "kid")
+    metrics: tuple[Literal["fid", "sfid", "is", "pr", "kid", "fd_dinov2", "bpd"], ...] = (
+        "fid", "sfid", "is", "pr", "kid")
     feature_extractor: str = "inception-v3-compat"
     inception_weights: str | None = None
     ema_rate: float | None = None
@@ -232,6 +233,12 @@ class EvalConfig(_Section):
     kid_subsets: int = Field(100, ge=1)
     kid_subset_size: int = Field(1000, ge=2)
     is_splits: int = Field(10, ge=1)
+    dinov2_weights: str | None = None  # local DINOv2 ViT-L/14 file (timm or torch hub layout) for fd_dinov2
+    # Percentile bootstrap over the generated samples (evaluation/bootstrap.py); 0 resamples: no intervals.
+    bootstrap_resamples: int = Field(100, ge=0)
+    bootstrap_level: float = Field(0.95, gt=0, lt=1)
+    bootstrap_seed: int = 0
+    bootstrap_kid_subsets: int = Field(10, ge=1)  # KID subsets per resample (the estimate uses kid_subsets)
     reference_url: str | None = None  # dataset for reference statistics; None: data.url
     reference_max_images: int | None = Field(None, ge=2)
     reference_cache: str | None = None  # None: ~/.cache/diffusion-pipeline/reference-stats

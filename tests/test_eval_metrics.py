@@ -209,8 +209,9 @@ def test_configured_weights_file_in_torch_fidelity_format_gives_pool_features_an
     images = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
     ours = extract_features(configured, [images])
     offline = extract_features(inception.resolve_feature_extractor(inception.FIDHELPER_EXTRACTOR), [images])
-    assert set(ours) == {"2048", "logits_unbiased"} and set(offline) == {"2048"}
+    assert set(ours) == {"2048", "mixed_6_conv", "logits_unbiased"} and set(offline) == {"2048", "mixed_6_conv"}
     np.testing.assert_allclose(ours["2048"], offline["2048"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ours["mixed_6_conv"], offline["mixed_6_conv"], rtol=1e-5, atol=1e-6)
     expected_logits = ours["2048"].astype(np.float64) @ state["fc.weight"].double().numpy().T
     np.testing.assert_allclose(ours["logits_unbiased"], expected_logits, rtol=1e-4, atol=1e-4)
     score, _ = inception_score(ours["logits_unbiased"], splits=1)
