@@ -143,18 +143,9 @@ def evaluate_checkpoint(
     ('latest': the last snapshot), written under ``eval/<images seen>/<name with phema<sigma>>``.
     """
     ev = cfg.eval
-    posthoc = None
-    if posthoc_sigma is None:
-        ckpt = resolve_checkpoint(run_url, checkpoint)
-        ema_rate = _ema_rate(ev, ckpt)
-    else:
-        ckpt, posthoc = _posthoc_checkpoint(run_url, posthoc_sigma, checkpoint)
-        ema_rate = None
+    ckpt, ema_rate, posthoc, name = _target(ev, run_url, checkpoint, posthoc_sigma)
     settings = sampler_settings(ev)
     guidance, classifier = guidance_provenance(cfg)
-    name = ev.name or default_name(ev, ema_rate, posthoc_sigma)
-    if posthoc is not None and ev.name:  # one folder per length of a sweep
-        name = f"{ev.name}-phema{posthoc_sigma:g}"
     out_url = evaluation_url(run_url, ckpt, name)
     model = cfg.model.model_dump(mode="json")
     diffusion = cfg.diffusion.model_dump(mode="json")
@@ -193,26 +184,11 @@ def evaluate_checkpoint(
         skipped["bpd"] = "bits/dim reads a checkpoint's EMA; not computed for post-hoc EMA weights"
     elif "bpd" in ev.metrics:
         start = time.perf_counter()
-        metrics.update(bits_per_dim(
-            CheckpointModel(run_url, ckpt.images_seen, ema_rate, model, diffusion), ev.bpd_url or cfg.data.url,
-            max_images=ev.bpd_max_images, eval_seed=ev.seed, batch_size=ev.batch_size, num_workers=ev.num_workers,
-            cpus_per_worker=ev.cpus_per_worker, gpus_per_worker=ev.gpus_per_worker, timeout_s=ev.worker_timeout_s,
-            progress=progress, ray_address=ray_address,
-        ))
+        metrics.update(_bits_per_dim(cfg, CheckpointModel(run_url, ckpt.images_seen, ema_rate, model, diffusion),
+                                     progress, ray_address))
         timings["bpd_s"] = time.perf_counter() - start
     record = {
-        "run": run_url,
-        "checkpoint": {"name": ckpt.name, "path": ckpt.rel, "images_seen": ckpt.images_seen,
-                       "step": ckpt.step, "config_hash": ckpt.config_hash},
-        "ema_rate": ema_rate,
-        **({"posthoc_ema": posthoc} if posthoc is not None else {}),
-        "name": name,
-        "sampler": settings.as_dict() if sample_fn_builder is None else {"custom": _describe(sample_fn_builder)},
-        "guidance": guidance if sample_fn_builder is None else None,
-        "objective": diffusion["objective"],
-        "num_samples": ev.num_samples,
-        "seeds": {"eval_seed": ev.seed, "rule": SEED_RULE,
-                  "first_seeds": [int(s) for s in sample_seeds(ev.seed, range(min(3, ev.num_samples)))]},
+        **_what_was_sampled(cfg, run_url, ckpt, ema_rate, posthoc, name, settings, guidance, sample_fn_builder),
         "samples": {"url": out_url, "samples_per_shard": ev.samples_per_shard, "batch_size": ev.batch_size,
                     "num_workers": ev.num_workers, "shards_generated": len(generation.generated),
                     "shards_reused": len(generation.skipped), "npz": npz_url,
@@ -234,6 +210,48 @@ def evaluate_checkpoint(
     }
     _record(run_url, out_url, record)
     return EvalResult(out_url, record)
+
+
+def _what_was_sampled(cfg: ExperimentConfig, run_url: str, ckpt: Checkpoint, ema_rate: float | None,
+                      posthoc: dict[str, Any] | None, name: str, settings: SamplerSettings, guidance: dict[str, Any],
+                      custom: Callable | None) -> dict[str, Any]:
+    """The first fields of metrics.json: which weights, which sampler and guidance, which seeds."""
+    ev = cfg.eval
+    return {
+        "run": run_url,
+        "checkpoint": {"name": ckpt.name, "path": ckpt.rel, "images_seen": ckpt.images_seen,
+                       "step": ckpt.step, "config_hash": ckpt.config_hash},
+        "ema_rate": ema_rate,
+        **({"posthoc_ema": posthoc} if posthoc is not None else {}),
+        "name": name,
+        "sampler": settings.as_dict() if custom is None else {"custom": _describe(custom)},
+        "guidance": guidance if custom is None else None,
+        "objective": cfg.diffusion.objective,
+        "num_samples": ev.num_samples,
+        "seeds": {"eval_seed": ev.seed, "rule": SEED_RULE,
+                  "first_seeds": [int(s) for s in sample_seeds(ev.seed, range(min(3, ev.num_samples)))]},
+    }
+
+
+def _target(ev: EvalConfig, run_url: str, checkpoint: str | int, posthoc_sigma: float | None):
+    """(checkpoint, EMA rate or None, post-hoc EMA provenance or None, evaluation folder name)."""
+    if posthoc_sigma is None:
+        ckpt = resolve_checkpoint(run_url, checkpoint)
+        ema_rate = _ema_rate(ev, ckpt)
+        return ckpt, ema_rate, None, ev.name or default_name(ev, ema_rate)
+    ckpt, posthoc = _posthoc_checkpoint(run_url, posthoc_sigma, checkpoint)
+    # one folder per length of a sweep
+    name = f"{ev.name}-phema{posthoc_sigma:g}" if ev.name else default_name(ev, None, posthoc_sigma)
+    return ckpt, None, posthoc, name
+
+
+def _bits_per_dim(cfg: ExperimentConfig, model: CheckpointModel, progress: bool, ray_address: str | None):
+    """Bits/dim of the full-chain VLB over held-out shards, on the actor pool."""
+    ev = cfg.eval
+    return bits_per_dim(model, ev.bpd_url or cfg.data.url, max_images=ev.bpd_max_images, eval_seed=ev.seed,
+                        batch_size=ev.batch_size, num_workers=ev.num_workers, cpus_per_worker=ev.cpus_per_worker,
+                        gpus_per_worker=ev.gpus_per_worker, timeout_s=ev.worker_timeout_s, progress=progress,
+                        ray_address=ray_address)
 
 
 def _posthoc_checkpoint(run_url: str, sigma_rel: float, at: str | int) -> tuple[Checkpoint, dict[str, Any]]:
