@@ -1,8 +1,12 @@
-"""Bits/dim: the core's full-chain variational bound over held-out shards, on the actor pool.
+"""Bits/dim over held-out shards, on the actor pool, for every objective that has a likelihood.
 
-Each image's bound uses noise from its own seed (eval seed, shard position, image position), so
-the estimate does not depend on the number of workers. Reported as the mean over images with
-its standard error (sample standard deviation / sqrt(N)).
+The registry gives each objective's estimate (``ObjectiveSpec.likelihood``): the full-chain
+variational bound of the discrete objective, the probability-flow ODE likelihood of the score
+SDEs (uniform dequantization, Hutchinson divergence), VDM's continuous VLB. Each image's noise
+comes from its own seed (eval seed, shard position, image position; the batch's first seed for
+the batch-level ODE draws), and the batches are fixed by the shards, so the estimate does not
+depend on the number of workers. Reported as the mean over images with its standard error
+(sample standard deviation / sqrt(N)).
 """
 
 from __future__ import annotations
@@ -16,13 +20,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from evaluation.model_sampling import check_discrete, load_ema_model
 from evaluation.pool import run_on_pool
 from evaluation.reference import ShardItem, dataset_manifest, leading_shards, read_shard_images
-from pipeline.diffusion.likelihood import vlb_bits_per_dim
-from pipeline.diffusion.schedules import build_schedule
+from pipeline.diffusion import registry
 
-__all__ = ["CheckpointModel", "bits_per_dim", "bpd_seed", "mean_and_stderr"]
+__all__ = ["CheckpointModel", "LikelihoodModel", "bits_per_dim", "bpd_seed", "check_likelihood", "mean_and_stderr"]
 
 
 def bpd_seed(eval_seed: int, shard: int, position: int) -> int:
@@ -39,9 +41,28 @@ def mean_and_stderr(values: np.ndarray) -> tuple[float, float]:
     return float(values.mean()), stderr
 
 
+def check_likelihood(diffusion: dict[str, Any]) -> None:
+    """ValueError unless the objective has a likelihood estimate in the registry."""
+    allowed = [n for n, spec in registry.OBJECTIVES.items() if spec.likelihood is not None]
+    if diffusion["objective"] not in allowed:
+        raise ValueError(f"diffusion.objective: {diffusion['objective']!r} has no likelihood estimate (bits/dim); "
+                         f"objectives with one: {', '.join(allowed)}")
+
+
+@dataclass(frozen=True)
+class LikelihoodModel:
+    """What a bits/dim worker holds: the sampling view and the objective's likelihood estimate."""
+
+    view: Any
+    likelihood: Any  # (view, x0, y, seeds) -> bits/dim (B,)
+    image_size: int
+    num_classes: int
+    device: Any
+
+
 @dataclass(frozen=True)
 class CheckpointModel:
-    """Picklable builder of ``(model, diffusion settings)`` from one EMA of a checkpoint."""
+    """Picklable builder of a :class:`LikelihoodModel` from one EMA of a checkpoint."""
 
     run_url: str
     checkpoint: int
@@ -50,40 +71,47 @@ class CheckpointModel:
     diffusion: dict[str, Any]
 
     def __post_init__(self) -> None:
-        check_discrete(self.diffusion)
+        check_likelihood(self.diffusion)
 
-    def __call__(self) -> tuple[torch.nn.Module, dict[str, Any]]:
+    def __call__(self) -> LikelihoodModel:
+        from pipeline.config import DiffusionConfig
+        from pipeline.loading import network_from_state, network_state_dict, objective_state_dict
+        from pipeline.pretrained import objective_from_state
+        from pipeline.train.checkpoint import load_ema_weights
+
         device = "cuda" if torch.cuda.is_available() else "cpu"  # a worker sees a GPU only when given one
-        return load_ema_model(self.run_url, self.checkpoint, self.ema_rate, self.model).to(device), self.diffusion
+        weights = load_ema_weights(self.run_url, self.checkpoint, self.ema_rate)[0]
+        where = f"checkpoint {self.checkpoint} of {self.run_url}"
+        net = network_from_state(self.model, network_state_dict(weights), where).to(device)
+        d = DiffusionConfig.model_validate(self.diffusion)
+        objective = objective_from_state(d, objective_state_dict(weights), where).to(device)
+        num_classes = int(getattr(net.config, "num_classes", 0) or 0)
+        view = registry.make_view(d.objective, net, objective, d.objective_options())
+        return LikelihoodModel(view, registry.OBJECTIVES[d.objective].likelihood, int(net.config.image_size),
+                               num_classes, device)
 
 
-def _shard_bpd(state, item: tuple[int, ShardItem], eval_seed: int, batch_size: int) -> np.ndarray:
-    model, diffusion = state
+def _shard_bpd(state: LikelihoodModel, item: tuple[int, ShardItem], eval_seed: int, batch_size: int) -> np.ndarray:
     shard, shard_item = item
-    size = int(model.config.image_size)
-    images, labels = read_shard_images(dataclasses.replace(shard_item, resolution=size))
+    images, labels = read_shard_images(dataclasses.replace(shard_item, resolution=state.image_size))
     if len(images) == 0:
         return np.zeros(0)
-    if int(getattr(model.config, "num_classes", 0) or 0) and labels is None:
+    if state.num_classes and labels is None:
         raise ValueError(f"{shard_item.url}: the model is class-conditional but the shard has no 'cls' labels")
-    schedule = build_schedule(diffusion["schedule"], diffusion["timesteps"])
-    device = next(model.parameters()).device
-    x0_all = torch.from_numpy(images).permute(0, 3, 1, 2).float().to(device) / 127.5 - 1
+    x0_all = torch.from_numpy(images).permute(0, 3, 1, 2).float().to(state.device) / 127.5 - 1
     totals = []
     for lo in range(0, len(images), batch_size):
         x0 = x0_all[lo : lo + batch_size]
-        seeds = [bpd_seed(eval_seed, shard, j) for j in range(lo, lo + len(x0))]
+        seeds = torch.tensor([bpd_seed(eval_seed, shard, j) for j in range(lo, lo + len(x0))])
         y = None
-        if labels is not None and getattr(model.config, "num_classes", 0):
-            y = torch.from_numpy(labels[lo : lo + batch_size]).to(device)
-        out = vlb_bits_per_dim(model, schedule, x0, seeds=seeds, y=y, parameterization=diffusion["parameterization"],
-                               variance=diffusion["variance"])
-        totals.append(out.total.double().cpu().numpy())
+        if labels is not None and state.num_classes:
+            y = torch.from_numpy(labels[lo : lo + batch_size]).to(state.device)
+        totals.append(state.likelihood(state.view, x0, y, seeds).double().cpu().numpy())
     return np.concatenate(totals)
 
 
 def bits_per_dim(
-    builder: CheckpointModel,
+    builder,
     dataset_url: str,
     max_images: int = 1000,
     eval_seed: int = 0,
@@ -95,7 +123,8 @@ def bits_per_dim(
     progress: bool = True,
     ray_address: str | None = None,
 ) -> dict[str, Any]:
-    """``{"bpd", "bpd_stderr", "bpd_count", "bpd_dataset_sha256"}`` of the first ``max_images`` images."""
+    """``{"bpd", "bpd_stderr", "bpd_count", "bpd_dataset_sha256"}`` of the first ``max_images`` images;
+    ``builder()`` gives each worker its :class:`LikelihoodModel` (e.g. :class:`CheckpointModel`)."""
     _, manifest_sha, shards = dataset_manifest(dataset_url)
     items = list(enumerate(leading_shards(shards, max_images)))
     task = functools.partial(_shard_bpd, eval_seed=eval_seed, batch_size=batch_size)

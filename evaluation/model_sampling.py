@@ -37,7 +37,6 @@ __all__ = [
     "CheckpointSampleFn",
     "ModelSampleFn",
     "SamplerSettings",
-    "check_discrete",
     "check_sampler",
     "labels_from_seeds",
     "load_classifier",
@@ -119,14 +118,6 @@ def check_sampler(objective: str, settings: SamplerSettings, *, has_classifier: 
                          "(eval.classifier_run / --classifier-run)")
     registry.check_sampler_fits(objective, settings.sampler,
                                 classifier=bool(has_classifier and settings.classifier_scale))
-
-
-def check_discrete(diffusion: dict[str, Any]) -> None:
-    """ValueError unless the objective is a generative discrete-time one (bits/dim by the full-chain VLB)."""
-    allowed = [n for n, s in registry.OBJECTIVES.items() if s.discrete and s.generative]
-    if diffusion["objective"] not in allowed:
-        raise ValueError(f"diffusion.objective: {diffusion['objective']!r} is not supported here; "
-                         f"allowed: {', '.join(repr(a) for a in allowed)} (discrete-time)")
 
 
 def make_sample_fn(

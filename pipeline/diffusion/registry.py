@@ -28,12 +28,14 @@ from torch import Tensor, nn
 from .fast_samplers import ddim_sigma_sample, dpm_solver_pp_2m_sample, edm_heun_sample, euler_sample
 from .guidance import classifier_free_guidance
 from .inpainting import inpaint_sample
+from .likelihood import vlb_bits_per_dim
 from .ncsn import NCSNObjective, annealed_langevin_sample, ncsn_sigmas
 from .objectives import ClassifierObjective, DDPMObjective
 from .samplers import ddim_sample, ddpm_sample, noise_from_seeds
 from .schedules import respace
 from .sampling import DiscreteView, Guide, NCSNView, SDEView, SigmaView, VDMView
-from .sde import SDEObjective, make_sde, ode_sample, pc_sample
+from .sde import SDEObjective, make_sde, ode_likelihood, ode_sample, pc_sample, uniform_dequantize
+from .sde import bits_per_dim as sde_bits_per_dim
 from .vdm import VDMObjective, vdm_sample
 
 __all__ = [
@@ -184,6 +186,8 @@ class ObjectiveSpec:
     top_level: tuple[str, ...] = ()
     classifier_guidance: bool = False  # ADM classifier guidance applies (discrete steps)
     data_channels: Callable[[Any, int], int] | None = None  # (options, network in_channels) -> image channels
+    # (view, x0 on the 8-bit grid in [-1, 1], y, seeds) -> bits/dim per image; None: no likelihood
+    likelihood: Callable[..., Tensor] | None = None
 
     @property
     def generative(self) -> bool:
@@ -238,7 +242,35 @@ def _sde_spec(name: str, kind: str, options: type[Options], summary: str) -> Obj
                             reduce_mean=o.reduce_mean)
 
     return ObjectiveSpec(name, summary, options, build, lambda net, obj, o: SDEView(net, obj), SDEView,
-                         samplers=("pc", "ode", "heun"))
+                         samplers=("pc", "ode", "heun"), likelihood=ode_bpd)
+
+
+def _seeded(x: Tensor, seeds: Tensor) -> torch.Generator:
+    """One generator for a batch, seeded by its first image's seed (the batches of the evaluation
+    stage are fixed by the data, not by the worker count)."""
+    return torch.Generator(device=x.device).manual_seed(int(seeds[0]))
+
+
+def vlb_bpd(view: DiscreteView, x0: Tensor, y: Tensor | None, seeds: Tensor) -> Tensor:
+    """Full-chain variational bound (DDPM eq. 5), per-image noise from each image's seed."""
+    return vlb_bits_per_dim(view.net, view.schedule, x0, seeds=seeds, y=y, parameterization=view.parameterization,
+                            variance=view.variance).total
+
+
+def ode_bpd(view: SDEView, x0: Tensor, y: Tensor | None, seeds: Tensor) -> Tensor:
+    """Probability-flow ODE likelihood (Song et al. 2021, App. D.2) of uniformly dequantized data, with
+    Hutchinson's divergence estimator, in bits/dim of the 8-bit data."""
+    g = _seeded(x0, seeds)
+    x = uniform_dequantize(x0, generator=g)
+    log_prob = ode_likelihood(view.score_fn(y), view.sde, x, divergence="hutchinson", generator=g).log_prob
+    return sde_bits_per_dim(log_prob, x0[0].numel())
+
+
+def vdm_bpd(view: VDMView, x0: Tensor, y: Tensor | None, seeds: Tensor) -> Tensor:
+    """VDM's VLB (reconstruction + prior + diffusion terms, Kingma et al. 2021 eq. 11), one Monte-Carlo
+    draw of t per image, in bits/dim of the 8-bit data."""
+    with torch.no_grad():
+        return view.objective.terms(view.net, x0, y, generator=_seeded(x0, seeds)).bpd
 
 
 _DDPM_FIELDS = tuple(DDPMOptions.model_fields)
@@ -250,7 +282,8 @@ OBJECTIVES: dict[str, ObjectiveSpec] = {
             "ddpm", "DDPM / Improved DDPM (eps, x0 or v; fixed or learned variance; L_simple, L_hybrid, L_vlb)",
             DDPMOptions, lambda o: DDPMObjective(**o.model_dump()),
             lambda net, obj, o: DiscreteView(net, obj.schedule, o.parameterization, o.variance), DiscreteView,
-            samplers=("ddpm", "ddim"), default="ddim", top_level=_DDPM_FIELDS, classifier_guidance=True),
+            samplers=("ddpm", "ddim"), default="ddim", top_level=_DDPM_FIELDS, classifier_guidance=True,
+            likelihood=vlb_bpd),
         _sde_spec("vp_sde", "vp", VPSDEOptions, "variance-preserving SDE (Song et al. 2021), denoising score matching"),
         _sde_spec("subvp_sde", "subvp", VPSDEOptions, "sub-VP SDE (Song et al. 2021)"),
         _sde_spec("ve_sde", "ve", VESDEOptions, "variance-exploding SDE (Song et al. 2021)"),
@@ -263,7 +296,7 @@ OBJECTIVES: dict[str, ObjectiveSpec] = {
         ObjectiveSpec(
             "vdm", "Variational Diffusion Model (Kingma et al. 2021): learned noise schedule, continuous VLB",
             VDMOptions, lambda o: VDMObjective(**o.model_dump()), lambda net, obj, o: VDMView(net, obj), VDMView,
-            samplers=("ddpm",), data_channels=_vdm_channels),
+            samplers=("ddpm",), data_channels=_vdm_channels, likelihood=vdm_bpd),
         ObjectiveSpec(
             "classifier", "ADM-G noisy classifier for classifier guidance (cross-entropy on x_t)",
             ClassifierOptions, lambda o: ClassifierObjective(o.schedule, o.timesteps), None,
