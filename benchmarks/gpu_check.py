@@ -200,7 +200,6 @@ def measure_training(model: torch.nn.Module, schedule, loss: dict[str, Any], dev
     out = {"images_per_s": ips, "step_ms": 1e3 * seconds / steps, "steps": steps,
            "warmup_s": warm_s, "mfu": flops_per_image * ips / PEAK_BF16_DENSE,
            "peak_memory_gib": _peak_gib(device)}
-    del opt, scaler, net
     model.zero_grad(set_to_none=True)
     model.set_channels_last(False)
     return out
@@ -265,7 +264,6 @@ def measure_deepspeed(model: torch.nn.Module, schedule, loss: dict[str, Any], de
     out = {"zero_stage": zero_stage, "backend": backend, "world_size": tdist.get_world_size(),
            "images_per_s": steps * batch / seconds, "step_ms": 1e3 * seconds / steps, "steps": steps,
            "warmup_s": warm_s, "peak_memory_gib": _peak_gib(device)}
-    del engine
     return out
 
 
