@@ -10,7 +10,8 @@ Before timing, DDIM-50 of both is run from the same x_T and the largest pixel di
 recorded: the two loops compute the same images, so the ratio compares like with like.
 
 Each repetition runs every (case, implementation) pair in turn, ABBA order, so both are measured
-interleaved under the same machine load; the JSON reports median images/s and ours/diffusers.
+interleaved under the same machine load; the JSON reports median images/s and ours/diffusers, by
+wall clock and per CPU-second (one thread: the work done, steadier on a shared machine).
 
     .venv/bin/python benchmarks/bench_sampling.py            # writes benchmarks/results/sampling_cpu.json
     .venv/bin/python benchmarks/bench_sampling.py --cases tiny:ddim50:16 --reps 3
@@ -104,7 +105,7 @@ def diffusers_sampler(unet: torch.nn.Module, kind: str, steps: int, betas: torch
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", default=DEFAULT_CASES, help=f"PRESET:SAMPLER:BATCH list (default {DEFAULT_CASES})")
-    ap.add_argument("--reps", type=int, default=5, help="timed repetitions (median reported)")
+    ap.add_argument("--reps", type=int, default=7, help="timed repetitions (median reported)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: steady on a shared machine)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args(argv)
@@ -148,28 +149,37 @@ def main(argv: list[str] | None = None) -> int:
     for run in runs.values():  # warm-up
         run()
     ips: dict[tuple[str, str], list[float]] = {k: [] for k in runs}
+    cpu: dict[tuple[str, str], list[float]] = {k: [] for k in runs}
     for rep in range(args.reps):
         keys = list(runs) if rep % 2 == 0 else list(reversed(runs))
         for key in keys:
-            t0 = time.perf_counter()
+            batch = int(key[0].rsplit(":", 1)[1])
+            t0, c0 = time.perf_counter(), time.process_time()
             runs[key]()
-            ips[key].append(int(key[0].rsplit(":", 1)[1]) / (time.perf_counter() - t0))
+            ips[key].append(batch / (time.perf_counter() - t0))
+            cpu[key].append(batch / max(time.process_time() - c0, 1e-9))
 
     results = {}
     for preset, sampler, batch in cases:
         key = f"{preset}:{sampler}:{batch}"
         o, d = ips[(key, "ours")], ips[(key, "diffusers")]
+        oc, dc = cpu[(key, "ours")], cpu[(key, "diffusers")]
         results[key] = {
             "preset": preset, "sampler": sampler, "batch": batch,
             "ours_images_per_s": round(statistics.median(o), 4),
             "diffusers_images_per_s": round(statistics.median(d), 4),
             "ratio_ours_over_diffusers": round(statistics.median(o) / statistics.median(d), 3),
             "median_paired_ratio": round(statistics.median(a / b for a, b in zip(o, d)), 3),
+            # one thread: CPU time is the work done, less sensitive to other jobs on a shared machine
+            "ratio_ours_over_diffusers_cpu_time": round(statistics.median(oc) / statistics.median(dc), 3),
+            "median_paired_ratio_cpu_time": round(statistics.median(a / b for a, b in zip(oc, dc)), 3),
             "ours_samples": [round(v, 4) for v in o], "diffusers_samples": [round(v, 4) for v in d],
+            "ours_images_per_cpu_s": [round(v, 4) for v in oc], "diffusers_images_per_cpu_s": [round(v, 4) for v in dc],
         }
         r = results[key]
         print(f"{key}: ours {r['ours_images_per_s']:.3f} img/s, diffusers {r['diffusers_images_per_s']:.3f} img/s, "
-              f"ratio {r['ratio_ours_over_diffusers']:.3f} (paired {r['median_paired_ratio']:.3f})")
+              f"ratio {r['ratio_ours_over_diffusers']:.3f} (paired {r['median_paired_ratio']:.3f}); per CPU-second "
+              f"{r['ratio_ours_over_diffusers_cpu_time']:.3f} (paired {r['median_paired_ratio_cpu_time']:.3f})")
     out = {
         "benchmark": "benchmarks/bench_sampling.py",
         "what": "images/s of whole sampling runs (no grad), per-sample seeded noise on both sides",
