@@ -27,14 +27,19 @@ imports blocked).
 
 Running it on the lent machine (no package registry there; at most 64 MiB of files travel):
 
-    # here: nothing to install for the main path.  For the optional DeepSpeed section, bring
-    # pure-Python wheels into the git-ignored /wheels/ folder (DS_BUILD_OPS=0: no op is compiled):
-    pip download --no-deps -d wheels deepspeed hjson ninja py-cpuinfo msgpack pydantic \
-        pydantic-core annotated-types typing-inspection pyyaml     # (binary wheels: cp3XX, manylinux)
-    # there (the run tool carries /wheels/ with `carry: ["wheels"]`):
-    pip install --no-index --no-build-isolation --find-links wheels deepspeed pydantic pyyaml  # optional
+    # main path: nothing to install; torch is there.  With the run tool, timeout_s=540:
     PYTHONPATH=$PWD python benchmarks/gpu_check.py --out $OUT/gpu_h200.json
-    # then commit the JSON as benchmarks/results/gpu_h200.json
+    # then commit the returned JSON as benchmarks/results/gpu_h200.json
+
+    # optional DeepSpeed section: wheels made here into the git-ignored /wheels/ folder, matching
+    # the lent machine's Python (PY=3.12 below is an example; check it first with a 1 s run).
+    # DeepSpeed is an sdist on PyPI: build its pure-Python wheel here, with no op compiled.
+    DS_BUILD_OPS=0 pip wheel --no-deps --no-build-isolation -w wheels deepspeed==0.19.8
+    pip download --no-deps --only-binary=:all: --python-version $PY --platform manylinux2014_x86_64 \
+        -d wheels hjson ninja py-cpuinfo msgpack einops psutil tqdm packaging pydantic pydantic-core \
+        annotated-types typing-inspection typing-extensions pyyaml numpy   # ~25 MiB in all
+    # there (run tool: carry=["wheels"]), before the script (not yet exercised on a lease):
+    pip install --no-index --find-links wheels deepspeed pydantic pyyaml
 
     python benchmarks/gpu_check.py --dry-run --out /tmp/gpu_check.json     # CPU, seconds
 """
