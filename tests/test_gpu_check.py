@@ -55,7 +55,7 @@ def test_dry_run_with_only_torch_writes_complete_finite_json(tmp_path: Path):
     out = tmp_path / "gpu.json"
     code = _CHILD.format(blocked=BLOCKED, argv=["--dry-run", "--out", str(out)], script=str(SCRIPT))
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "LOADED=[]" in proc.stdout, proc.stdout[-2000:]
     result = json.loads(out.read_text())
@@ -88,7 +88,7 @@ def test_dry_run_deepspeed_section_runs_our_engine_at_world_size_one(tmp_path: P
     out = tmp_path / "ds.json"
     cmd = [sys.executable, str(SCRIPT), "--dry-run", "--sections", "deepspeed", "--presets", "adm_imagenet64",
            "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ds = json.loads(out.read_text())["deepspeed"]
     assert ds["status"] == "ran"
