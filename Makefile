@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_unet.py --threads 1
 	$(PY) benchmarks/bench_data.py
 	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_sampling.py
 	$(PY) benchmarks/bench_eval.py
 
 clean:

@@ -13,7 +13,7 @@ Forward process, posterior, parameterisations (gaussian.py):
 Losses (losses.py): training_losses(..., loss_type='simple'|'hybrid'|'vlb') -> LossOutput(loss, mse, vlb),
     ImportanceSampler, normal_kl, discretized_gaussian_log_likelihood, vlb_term_bpd.
 Samplers (samplers.py): ddpm_sample, ddim_sample(eta), ddim_invert, ddpm_step, ddim_step, slerp,
-    noise_from_seeds (per-sample counter-based noise).
+    noise_from_seeds (per-sample noise: a generator per sample for images, a counter-based hash for small samples).
 Likelihood (likelihood.py): vlb_bits_per_dim -> VLBOutput(total, prior, terms), prior_bpd.
 Continuous time and guidance (sde.py, ncsn.py, vdm.py, guidance.py, inpainting.py, fast_samplers.py):
     VPSDE, SubVPSDE, VESDE, make_sde, dsm_loss, pc_sample, ode_sample, ode_likelihood, bits_per_dim,

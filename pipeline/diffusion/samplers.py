@@ -2,8 +2,8 @@
 
 All take the same keyword style and run over the schedule they are given, so respaced sampling
 is `ddim_sample(model, respace(schedule, "ddim50"), ...)`. Step i of a schedule moves x from
-abar_i to abar_{i-1} (abar_{-1} = 1). Noise is a pure function of (seed, original timestep,
-element), so a sample depends only on its own seed: not on batch size, position or device.
+abar_i to abar_{i-1} (abar_{-1} = 1). Noise is a pure function of (seed, original timestep), so a
+sample depends only on its own seed, not on batch size or position (see noise_from_seeds for devices).
 """
 
 from __future__ import annotations
@@ -69,27 +69,60 @@ def noise_from_seeds(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
 ) -> Tensor:
-    """Standard normal noise (B, *shape_per_sample): a hash of (seed, step, element index) -> Box-Muller.
+    """Standard normal noise (B, *shape_per_sample); sample b's noise is a function of (seeds[b], step) only.
 
-    Each sample's noise is a function of its own seed and the step only, identical on every device.
+    A 32-bit key hashed from (seed, step) picks each sample's stream, so the noise does not depend on
+    batch size or position. Samples of at least ``_GENERATOR_MIN_NUMEL`` elements (images) draw from
+    a torch.Generator seeded with the key on the target device (as fast as torch.randn; CPU and CUDA
+    generators differ, so such noise is reproducible per device type, not across them); smaller
+    samples, where a per-sample call would cost more than the draw, use a counter-based hash of
+    (key, element) -> Box-Muller, identical on every device. Values are drawn in fp32 (the hash in
+    fp64) and then cast to ``dtype``.
     """
-    s = _check_seeds(seeds).to(device)
+    s = _check_seeds(seeds)
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"step: {step!r} is not allowed; expected an int >= 0")
-    n = math.prod(shape_per_sample)
+    shape = tuple(shape_per_sample)
+    n = math.prod(shape)
+    if n < _GENERATOR_MIN_NUMEL:
+        return _hash_normal(_sample_keys(s.to(device), step), n).reshape(s.shape[0], *shape).to(dtype)
+    return _generator_normal(_sample_keys(s, step), shape, device).to(dtype)
+
+
+# Per-sample size from which a Generator per sample is faster than the vectorised hash (about
+# 2.5 us of call overhead per sample against ~18 ns per hashed element on one CPU core).
+_GENERATOR_MIN_NUMEL = 256
+
+
+def _sample_keys(s: Tensor, step: int) -> Tensor:
+    """(B,) 32-bit keys from (seed, step): a chain of 32-bit finalisers."""
     # odd additive constants keep 0 from being a fixed point of the chain (mix32(0) = 0)
     key = _mix32(((s >> 32) & _M32) ^ 0x9E3779B9)
     key = _mix32((key + (s & _M32) + 0x7F4A7C15) & _M32)
     key = _mix32((key + (step & _M32) + 0x85EBCA6B) & _M32)
-    key = _mix32((key + ((step >> 32) & _M32) + 0xC2B2AE35) & _M32)  # (B,)
+    return _mix32((key + ((step >> 32) & _M32) + 0xC2B2AE35) & _M32)
+
+
+def _generator_normal(keys: Tensor, shape: tuple[int, ...], device: torch.device | str | None) -> Tensor:
+    """One torch.Generator stream per sample, seeded with its key (EDM's StackedRandomGenerator idea)."""
+    device = torch.device("cpu") if device is None else torch.device(device)
+    out = torch.empty((keys.shape[0], *shape), dtype=torch.float32, device=device)
+    gen = torch.Generator(device=device)
+    for b, key in enumerate(keys.tolist()):
+        gen.manual_seed(key)
+        out[b].normal_(generator=gen)
+    return out
+
+
+def _hash_normal(key: Tensor, n: int) -> Tensor:
+    """(B, n) normals from a hash of (key, element index) -> Box-Muller, on key's device."""
     half = (n + 1) // 2
-    ctr = _mix32((torch.arange(2 * half, device=s.device, dtype=torch.int64) + 0x27D4EB2F) & _M32)
+    ctr = _mix32((torch.arange(2 * half, device=key.device, dtype=torch.int64) + 0x27D4EB2F) & _M32)
     bits = _mix32((_mix32(key[:, None] ^ ctr[None]) + key[:, None] + 0x165667B1) & _M32)  # (B, 2*half)
     u1 = (bits[:, :half].to(torch.float64) + 0.5) / 2**32  # in (0, 1)
     u2 = bits[:, half:].to(torch.float64) / 2**32
     r = torch.sqrt(-2 * torch.log(u1))
-    z = torch.cat([r * torch.cos(2 * math.pi * u2), r * torch.sin(2 * math.pi * u2)], dim=1)[:, :n]
-    return z.reshape(s.shape[0], *shape_per_sample).to(dtype)
+    return torch.cat([r * torch.cos(2 * math.pi * u2), r * torch.sin(2 * math.pi * u2)], dim=1)[:, :n]
 
 
 # -- single steps ----------------------------------------------------------------------------------
