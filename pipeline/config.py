@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.diffusion.registry import (
     DEFAULT_OBJECTIVE,
@@ -39,6 +39,7 @@ __all__ = [
     "EvalConfig",
     "ExperimentConfig",
     "ExportConfig",
+    "InitFrom",
     "ModelConfig",
     "TrainConfig",
     "apply_overrides",
@@ -128,6 +129,22 @@ class DataConfig(_Section):
     loader_timeout_s: float = Field(600.0, gt=0)
 
 
+class InitFrom(_Section):
+    """Weights a run starts from (fine-tuning): an export folder, or a run directory with a
+    checkpoint and EMA rate; loaded by ``pipeline.loading.load_model`` (see pipeline/train/init.py).
+    ``train.init_from=PATH`` is short for ``{path: PATH}``."""
+
+    path: str
+    checkpoint: Literal["latest"] | int = "latest"  # a run directory's checkpoint (images seen)
+    ema_rate: float | None = None  # a run directory's EMA (None: the checkpoint's first)
+
+    @model_validator(mode="after")
+    def _check_path(self) -> InitFrom:
+        if not self.path.strip():
+            raise ValueError("path: '' is not allowed; give an export folder or a run directory")
+        return self
+
+
 class TrainConfig(_Section):
     """Training loop, DeepSpeed engine, EMA, checkpoints and logging."""
 
@@ -139,7 +156,7 @@ class TrainConfig(_Section):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     micro_batch: int = Field(16, ge=1)
     grad_accum: int = Field(1, ge=1)
-    lr: float = Field(1e-4, gt=0, le=1.0)
+    lr: float = Field(1e-4, ge=0, le=1.0)  # 0 is allowed: the weights stay as initialised (train.init_from checks)
     weight_decay: float = Field(0.0, ge=0)
     adam_betas: tuple[float, float] = (0.9, 0.999)
     warmup_images: int = Field(0, ge=0)
@@ -159,6 +176,13 @@ class TrainConfig(_Section):
     max_consecutive_nonfinite: int = Field(10, ge=1)
     max_failures: int = Field(0, ge=0)
     ray_address: str | None = None
+    # Fine-tuning: initialise the network (and its EMA) from these weights; None: from scratch.
+    init_from: InitFrom | None = None
+
+    @field_validator("init_from", mode="before")
+    @classmethod
+    def _init_from_shorthand(cls, value: Any) -> Any:
+        return {"path": value} if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _check_ema(self) -> TrainConfig:

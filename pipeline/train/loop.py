@@ -22,6 +22,7 @@ from pipeline.train import dist
 from pipeline.train.checkpoint import find_resume_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint
 from pipeline.train.ema import EMA
 from pipeline.train.engine import build_engine, global_batch, precision_dtype
+from pipeline.train.init import apply_init_from
 from pipeline.train.metrics import MetricsLogger, Progress, image_grid_png, quartile_of_time
 from pipeline.train.objective import TrainModule
 from pipeline.train.rundir import RunDir
@@ -106,6 +107,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
     torch.manual_seed(tc.seed)
     net = build_model_from_config(cfg.model)
     module = TrainModule(net, cfg.diffusion)
+    apply_init_from(module, cfg, run, write_record=main)  # train.init_from: fine-tuning (pipeline/train/init.py)
     engine = build_engine(module, tc, world)
     # Dropout draws from the global generator: a per-rank stream, checkpointed with the run.
     torch.manual_seed(stream_seed(tc.seed, rank, -1, 0))
