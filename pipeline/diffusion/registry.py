@@ -34,6 +34,7 @@ from .samplers import ddim_sample, ddpm_sample, noise_from_seeds
 from .schedules import respace
 from .sampling import DiscreteView, Guide, NCSNView, SDEView, SigmaView, VDMView
 from .sde import SDEObjective, make_sde, ode_sample, pc_sample
+from .upsampler import UpsamplerObjective
 from .vdm import VDMObjective, vdm_sample
 
 __all__ = [
@@ -85,6 +86,16 @@ class DDPMOptions(Options):
     loss: LossType = "simple"
     vlb_weight: float = Field(0.001, ge=0.0)
     importance_sampling: bool = False
+
+
+class UpsamplerOptions(DDPMOptions):
+    """ADM-U super-resolution: a DDPM-family model of x given its low-resolution version (all of its
+    settings, the DDPM ones included, go in ``diffusion.options``)."""
+
+    low_res_size: int | None = Field(None, ge=1)  # low-res side (must divide the image's); None: a quarter (ADM-U)
+    blur_sigma_max: float = Field(0.0, ge=0.0)  # training: Gaussian blur sigma ~ U(0, max) pixels (0: none)
+    noise_level_max: float = Field(0.0, ge=0.0, lt=1.0)  # training: noise level s ~ U(0, max) (0: none)
+    sample_noise_level: float = Field(0.0, ge=0.0, lt=1.0)  # sampling: the level the first stage's output gets
 
 
 class ClassifierOptions(Options):
@@ -264,6 +275,11 @@ OBJECTIVES: dict[str, ObjectiveSpec] = {
             "vdm", "Variational Diffusion Model (Kingma et al. 2021): learned noise schedule, continuous VLB",
             VDMOptions, lambda o: VDMObjective(**o.model_dump()), lambda net, obj, o: VDMView(net, obj), VDMView,
             samplers=("ddpm",), data_channels=_vdm_channels),
+        ObjectiveSpec(
+            "upsampler", "ADM-U super-resolution: DDPM family on x, conditioned on its augmented low-res image",
+            UpsamplerOptions, lambda o: UpsamplerObjective(**o.model_dump()),
+            lambda net, obj, o: DiscreteView(obj.bind(net), obj.schedule, o.parameterization, o.variance),
+            DiscreteView, samplers=("ddpm", "ddim"), default="ddim"),
         ObjectiveSpec(
             "classifier", "ADM-G noisy classifier for classifier guidance (cross-entropy on x_t)",
             ClassifierOptions, lambda o: ClassifierObjective(o.schedule, o.timesteps), None,
