@@ -89,8 +89,8 @@ class DDPMOptions(Options):
 
 
 class UpsamplerOptions(DDPMOptions):
-    """ADM-U super-resolution: a DDPM-family model of x given its low-resolution version (all of its
-    settings, the DDPM ones included, go in ``diffusion.options``)."""
+    """ADM-U super-resolution: a DDPM-family model of x given its low-resolution version (the DDPM
+    settings are the diffusion section's fields; these in ``diffusion.options``)."""
 
     low_res_size: int | None = Field(None, ge=1)  # low-res side (must divide the image's); None: a quarter (ADM-U)
     blur_sigma_max: float = Field(0.0, ge=0.0)  # training: Gaussian blur sigma ~ U(0, max) pixels (0: none)
@@ -279,7 +279,7 @@ OBJECTIVES: dict[str, ObjectiveSpec] = {
             "upsampler", "ADM-U super-resolution: DDPM family on x, conditioned on its augmented low-res image",
             UpsamplerOptions, lambda o: UpsamplerObjective(**o.model_dump()),
             lambda net, obj, o: DiscreteView(obj.bind(net), obj.schedule, o.parameterization, o.variance),
-            DiscreteView, samplers=("ddpm", "ddim"), default="ddim"),
+            DiscreteView, samplers=("ddpm", "ddim"), default="ddim", top_level=_DDPM_FIELDS),
         ObjectiveSpec(
             "classifier", "ADM-G noisy classifier for classifier guidance (cross-entropy on x_t)",
             ClassifierOptions, lambda o: ClassifierObjective(o.schedule, o.timesteps), None,
@@ -456,10 +456,16 @@ def objective_options(name: str, options: dict[str, Any] | None = None, top_leve
     the discrete objectives, their fields of the ``diffusion`` section (``top_level``)."""
     spec = objective_spec(name)
     options = dict(options or {})
-    if spec.top_level and options:
-        raise ValueError(f"diffusion.options: {sorted(options)} not allowed for objective {name!r}; its settings are "
-                         f"the fields {', '.join(spec.top_level)} of the diffusion section")
-    values = {k: v for k, v in (top_level or {}).items() if k in spec.top_level} if spec.top_level else options
+    # a discrete objective's own settings beyond the section's fields (the upsampler's) go in options
+    own = [k for k in spec.options.model_fields if k not in spec.top_level]
+    if spec.top_level and options and not set(options) <= set(own):
+        extra = f"; diffusion.options takes {', '.join(own)}" if own else ""
+        raise ValueError(f"diffusion.options: {sorted(set(options) - set(own))} not allowed for objective {name!r}; "
+                         f"its settings are the fields {', '.join(spec.top_level)} of the diffusion section{extra}")
+    if spec.top_level:
+        values = {**{k: v for k, v in (top_level or {}).items() if k in spec.top_level}, **options}
+    else:
+        values = options
     where = "diffusion" if spec.top_level else "diffusion.options"
     try:
         return _validate(spec.options, values, where)

@@ -159,6 +159,8 @@ class LowResConditioned:
         return low.to(device=x.device, dtype=x.dtype), level
 
     def __call__(self, x: Tensor, t: Tensor, y: Tensor | None = None, **kwargs: Any) -> Tensor:
+        if self.low_res is None and getattr(self.config, "low_res_channels", None) == 0:
+            return self.net(x, t, y, **kwargs)  # nothing bound, a network without the input: a plain model
         low, level = self._inputs(x)
         dim = int(getattr(self.config, "cond_embed_dim", 0) or 0)
         if dim:
@@ -187,6 +189,9 @@ class UpsamplerObjective(DDPMObjective):
         return bound.with_low_res(low_res, self.sample_noise_level if level is None else level)
 
     def training_loss(self, net, x0: Tensor, y: Tensor | None = None, *, generator=None) -> ObjectiveLoss:
+        if getattr(getattr(net, "config", None), "low_res_channels", None) == 0:
+            raise ValueError("the super-resolution objective needs a network that takes the low-resolution image: "
+                             "set model.overrides.low_res_channels (3 for RGB)")
         low, level = make_low_res(x0, self.low_res_size, blur_sigma_max=self.blur_sigma_max,
                                   noise_level_max=self.noise_level_max, generator=generator)
         return super().training_loss(LowResConditioned(net, self.low_res_size, low, level), x0, y,
