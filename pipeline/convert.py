@@ -193,6 +193,9 @@ def network_config(source: str, flags: dict[str, Any]) -> UNetConfig | Classifie
     _check_source(source)
     f = flags
     if source == "guided-diffusion-classifier":
+        if f["rescale_timesteps"] and f["diffusion_steps"] != 1000:
+            raise ValueError("--rescale_timesteps: True with --diffusion_steps other than 1000 is not allowed for a "
+                             "classifier (this classifier embeds the timestep index as is)")
         if f["classifier_pool"] != "attention":
             raise ValueError(f"--classifier_pool: {f['classifier_pool']!r} is not allowed; only 'attention' "
                              "(the released classifiers') is implemented here")
