@@ -69,7 +69,7 @@ def upsample_images(up: Any, images: np.ndarray, seeds: Sequence[int], labels: S
     conditional = bool(getattr(config, "num_classes", 0))
     net = up.network.to(device).eval()
     if not conditional:
-        def net(x, t, y=None, _model=up.network, **cond):  # noqa: F811 - labels are the first stage's only
+        def net(x, t, y=None, _model=up.network, **cond):  # labels are the first stage's only
             return _model(x, t, None, **cond)
     view = up.view(net)
     up_seeds = [stage_seed(s) for s in seeds]

@@ -35,7 +35,7 @@ from pipeline.models import PRESETS, build_model, meta_parameter_count
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from launch import sample as sample_cli  # noqa: E402
+from launch import sample as sample_cli
 
 
 def test_area_downsampling_averages_each_block():

@@ -34,8 +34,8 @@ from pipeline.models.layers import AttentionBlock
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from launch import convert as convert_cli  # noqa: E402
-from launch import sample as sample_cli  # noqa: E402
+from launch import convert as convert_cli
+from launch import sample as sample_cli
 
 GUIDED = ("--attention_resolutions 8 --class_cond True --diffusion_steps 1000 --image_size 16 --channel_mult 1,2 "
           "--learn_sigma True --noise_schedule cosine --num_channels 32 --num_heads 4 --num_res_blocks 1 "
