@@ -48,6 +48,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--out", required=True, help="grid.png, or a folder for one PNG per image")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    # ADM-U cascade: the --model images upsampled by a super-resolution export (evaluation/cascade.py)
+    p.add_argument("--upsampler", help="export of a super-resolution model: upsample every image (cascade)")
+    p.add_argument("--upsampler-sampler", help="its sampler (default: the objective's default)")
+    p.add_argument("--upsampler-steps", type=int, default=50, help="its sampling steps")
+    p.add_argument("--upsampler-noise-level", type=float,
+                   help="noise level s in [0, 1) of its low-resolution input (default: the export's)")
     return p.parse_args(argv)
 
 
@@ -129,10 +135,18 @@ def build_sampler(args: argparse.Namespace, device: str):
               "class is untrained and guidance will not behave as intended", file=sys.stderr)
     sample_fn = make_sample_fn(loaded.network, settings, device=device, diffusion=diffusion,
                                objective=loaded.objective, classifier=classifier)
-    return sample_fn, settings, config.class_names
+    up = None
+    if args.upsampler:  # the ADM-U second stage, checked before any sampling
+        from evaluation.cascade import check_upsampler
+
+        up = load_model(args.upsampler, device=device)
+        check_upsampler(up, int(loaded.network.config.image_size), num_classes, sampler=args.upsampler_sampler,
+                        steps=args.upsampler_steps, noise_level=args.upsampler_noise_level)
+    return sample_fn, settings, config.class_names, up
 
 
-def write_images(args: argparse.Namespace, images, labels: list[int], seeds, settings, names) -> None:
+def write_images(args: argparse.Namespace, images, labels: list[int], seeds, settings, names,
+                 cascade: dict | None = None) -> None:
     """One grid PNG (``--out`` ending in .png), or one PNG per image plus samples.json."""
     out = Path(args.out)
     if out.suffix.lower() == ".png":
@@ -151,7 +165,7 @@ def write_images(args: argparse.Namespace, images, labels: list[int], seeds, set
         records.append(rec)
     info = {"model": str(args.model), "sampler": settings.as_dict(), "guidance_scale": args.guidance_scale,
             "classifier_run": args.classifier_run, "classifier_scale": args.classifier_scale,
-            "class_label": args.class_label, "seed": args.seed,
+            "class_label": args.class_label, "seed": args.seed, "cascade": cascade,
             "seed_rule": "image i uses evaluation.seeds.sample_seed(seed, i)", "images": records}
     (out / "samples.json").write_text(json.dumps(info, indent=1) + "\n")
 
@@ -170,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        sample_fn, settings, names = build_sampler(args, device)
+        sample_fn, settings, names, up = build_sampler(args, device)
     except ValueError as exc:
         return _fail(str(exc))
     indices = np.arange(args.num)
@@ -183,7 +197,17 @@ def main(argv: list[str] | None = None) -> int:
         images.append(batch)
         if batch_labels is not None:
             labels.extend(int(v) for v in batch_labels)
-    write_images(args, np.concatenate(images), labels, seeds, settings, names)
+    images, cascade = np.concatenate(images), None
+    if up is not None:  # ADM-U cascade: the second stage, conditioned on these images
+        from evaluation.cascade import upsample_images
+
+        try:
+            images, cascade = upsample_images(up, images, seeds, labels or None, sampler=args.upsampler_sampler,
+                                              steps=args.upsampler_steps, noise_level=args.upsampler_noise_level,
+                                              batch_size=args.batch_size, device=device)
+        except ValueError as exc:
+            return _fail(str(exc))
+    write_images(args, images, labels, seeds, settings, names, cascade)
     print(f"wrote {args.num} images to {args.out}")
     return 0
 

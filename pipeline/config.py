@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.diffusion.phema import check_sigma_rel
 from pipeline.diffusion.registry import (
@@ -40,6 +40,7 @@ __all__ = [
     "EvalConfig",
     "ExperimentConfig",
     "ExportConfig",
+    "InitFrom",
     "ModelConfig",
     "TrainConfig",
     "apply_overrides",
@@ -144,6 +145,21 @@ class PosthocEMAConfig(_Section):
             check_sigma_rel(s, "sigma_rels")
         if len(set(self.sigma_rels)) != len(self.sigma_rels):
             raise ValueError(f"sigma_rels: {list(self.sigma_rels)} repeats a value; give distinct values")
+
+
+class InitFrom(_Section):
+    """Weights a run starts from (fine-tuning): an export folder, or a run directory with a
+    checkpoint and EMA rate; loaded by ``pipeline.loading.load_model`` (see pipeline/train/init.py).
+    ``train.init_from=PATH`` is short for ``{path: PATH}``."""
+
+    path: str
+    checkpoint: Literal["latest"] | int = "latest"  # a run directory's checkpoint (images seen)
+    ema_rate: float | None = None  # a run directory's EMA (None: the checkpoint's first)
+
+    @model_validator(mode="after")
+    def _check_path(self) -> InitFrom:
+        if not self.path.strip():
+            raise ValueError("path: '' is not allowed; give an export folder or a run directory")
         return self
 
 
@@ -158,7 +174,7 @@ class TrainConfig(_Section):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     micro_batch: int = Field(16, ge=1)
     grad_accum: int = Field(1, ge=1)
-    lr: float = Field(1e-4, gt=0, le=1.0)
+    lr: float = Field(1e-4, ge=0, le=1.0)  # 0 is allowed: the weights stay as initialised (train.init_from checks)
     weight_decay: float = Field(0.0, ge=0)
     adam_betas: tuple[float, float] = (0.9, 0.999)
     warmup_images: int = Field(0, ge=0)
@@ -182,6 +198,13 @@ class TrainConfig(_Section):
     # step boundary before the driver stops at once (see pipeline/train/preemption.py).
     preemption_grace_s: float = Field(120.0, gt=0)
     ray_address: str | None = None
+    # Fine-tuning: initialise the network (and its EMA) from these weights; None: from scratch.
+    init_from: InitFrom | None = None
+
+    @field_validator("init_from", mode="before")
+    @classmethod
+    def _init_from_shorthand(cls, value: Any) -> Any:
+        return {"path": value} if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _check_ema(self) -> TrainConfig:

@@ -305,6 +305,7 @@ def export_document(src: ExportSource, weights_file: str, weights_sha256: str, w
             "zero_stage": cfg.train.zero_stage,
             "precision": cfg.train.precision,
             "dataset": cfg.data.url,
+            "init_from": init_from_record(src.run_url, cfg),
         },
         "weights": {"file": weights_file, "sha256": weights_sha256, "bytes": weights_bytes, "dtype": "float32",
                     "num_parameters": int(sum(t.numel() for t in src.state.values()))},
@@ -324,6 +325,35 @@ def export_document(src: ExportSource, weights_file: str, weights_sha256: str, w
         doc["objective_weights"] = {**objective_weights, "dtype": "float32",
                                     "num_parameters": int(sum(t.numel() for t in src.objective_state.values()))}
     return doc
+
+
+def init_from_record(run_url: str, cfg: ExperimentConfig) -> dict[str, Any] | None:
+    """What the run was fine-tuned from: ``<run>/init_from.json`` (written at its start), else the
+    config's ``train.init_from`` request; None for a run trained from scratch."""
+    from pipeline.train.init import INIT_RECORD
+
+    if cfg.train.init_from is None:
+        return None
+    run = RunDir(run_url)
+    if run.exists(INIT_RECORD):
+        try:
+            return json.loads(run.read_bytes(INIT_RECORD))
+        except ValueError as exc:
+            log.warning("%s: unreadable (%s); recording the configured train.init_from only", INIT_RECORD, exc)
+    return cfg.train.init_from.model_dump(mode="json")
+
+
+def _init_from_line(src: dict[str, Any]) -> list[str]:
+    init = src.get("init_from")
+    if not init:
+        return []
+    origin = init.get("source") or {}
+    where = f"`{init.get('path')}`"
+    if origin.get("kind") == "checkpoint":
+        where += f" (checkpoint {origin.get('checkpoint')}, EMA {origin.get('ema_rate')})"
+    digest = f", network sha256 `{str(init['network_sha256'])[:16]}`" if init.get("network_sha256") else ""
+    classes = f"; {init['classes']}" if init.get("classes") else ""
+    return [f"| fine-tuned from | {where}{digest}{classes} |"]
 
 
 def _fmt(value: Any) -> str:
@@ -383,6 +413,7 @@ def model_card(doc: dict[str, Any], fmt: str = "native") -> str:
         ema_row,
         f"| training | {src.get('world_size')} workers, ZeRO stage {src.get('zero_stage')}, {src.get('precision')} |",
         f"| dataset | `{src.get('dataset')}` |",
+        *_init_from_line(src),
         f"| config hash | `{src.get('config_hash')}` |",
         f"| weights sha256 | `{doc['weights']['sha256']}` |",
         f"| created | {doc['created_utc']} |",

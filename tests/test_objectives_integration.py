@@ -401,8 +401,9 @@ def test_presets_sampler_and_channels_fit_the_objective(path):
         extra = 2 * (hi - lo)
     data_channels = net.in_channels // (1 + extra)
     assert net.out_channels == data_channels * (2 if net.learn_sigma else 1)
-    if kind != "ddpm":
-        make_continuous_objective(kind, options)
+    from pipeline.diffusion.registry import build_objective
+
+    build_objective(kind, cfg.diffusion.objective_options())  # every objective builds from its typed options
 
 
 def test_evaluate_checkpoint_samples_continuous_and_guided_runs_with_provenance(trained):

@@ -36,6 +36,7 @@ from .schedules import respace
 from .sampling import DiscreteView, Guide, NCSNView, SDEView, SigmaView, VDMView
 from .sde import SDEObjective, make_sde, ode_likelihood, ode_sample, pc_sample, uniform_dequantize
 from .sde import bits_per_dim as sde_bits_per_dim
+from .upsampler import UpsamplerObjective
 from .vdm import VDMObjective, vdm_sample
 
 __all__ = [
@@ -87,6 +88,16 @@ class DDPMOptions(Options):
     loss: LossType = "simple"
     vlb_weight: float = Field(0.001, ge=0.0)
     importance_sampling: bool = False
+
+
+class UpsamplerOptions(DDPMOptions):
+    """ADM-U super-resolution: a DDPM-family model of x given its low-resolution version (the DDPM
+    settings are the diffusion section's fields; these in ``diffusion.options``)."""
+
+    low_res_size: int | None = Field(None, ge=1)  # low-res side (must divide the image's); None: a quarter (ADM-U)
+    blur_sigma_max: float = Field(0.0, ge=0.0)  # training: Gaussian blur sigma ~ U(0, max) pixels (0: none)
+    noise_level_max: float = Field(0.0, ge=0.0, lt=1.0)  # training: noise level s ~ U(0, max) (0: none)
+    sample_noise_level: float = Field(0.0, ge=0.0, lt=1.0)  # sampling: the level the first stage's output gets
 
 
 class ClassifierOptions(Options):
@@ -298,6 +309,11 @@ OBJECTIVES: dict[str, ObjectiveSpec] = {
             VDMOptions, lambda o: VDMObjective(**o.model_dump()), lambda net, obj, o: VDMView(net, obj), VDMView,
             samplers=("ddpm",), data_channels=_vdm_channels, likelihood=vdm_bpd),
         ObjectiveSpec(
+            "upsampler", "ADM-U super-resolution: DDPM family on x, conditioned on its augmented low-res image",
+            UpsamplerOptions, lambda o: UpsamplerObjective(**o.model_dump()),
+            lambda net, obj, o: DiscreteView(obj.bind(net), obj.schedule, o.parameterization, o.variance),
+            DiscreteView, samplers=("ddpm", "ddim"), default="ddim", top_level=_DDPM_FIELDS),
+        ObjectiveSpec(
             "classifier", "ADM-G noisy classifier for classifier guidance (cross-entropy on x_t)",
             ClassifierOptions, lambda o: ClassifierObjective(o.schedule, o.timesteps), None,
             top_level=tuple(ClassifierOptions.model_fields), label_dropout=False),
@@ -474,10 +490,16 @@ def objective_options(name: str, options: dict[str, Any] | None = None, top_leve
     the discrete objectives, their fields of the ``diffusion`` section (``top_level``)."""
     spec = objective_spec(name)
     options = dict(options or {})
-    if spec.top_level and options:
-        raise ValueError(f"diffusion.options: {sorted(options)} not allowed for objective {name!r}; its settings are "
-                         f"the fields {', '.join(spec.top_level)} of the diffusion section")
-    values = {k: v for k, v in (top_level or {}).items() if k in spec.top_level} if spec.top_level else options
+    # a discrete objective's own settings beyond the section's fields (the upsampler's) go in options
+    own = [k for k in spec.options.model_fields if k not in spec.top_level]
+    if spec.top_level and options and not set(options) <= set(own):
+        extra = f"; diffusion.options takes {', '.join(own)}" if own else ""
+        raise ValueError(f"diffusion.options: {sorted(set(options) - set(own))} not allowed for objective {name!r}; "
+                         f"its settings are the fields {', '.join(spec.top_level)} of the diffusion section{extra}")
+    if spec.top_level:
+        values = {**{k: v for k, v in (top_level or {}).items() if k in spec.top_level}, **options}
+    else:
+        values = options
     where = "diffusion" if spec.top_level else "diffusion.options"
     try:
         return _validate(spec.options, values, where)

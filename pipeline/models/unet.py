@@ -148,6 +148,9 @@ class UNetConfig(EncoderConfigMixin):
     cond_embed_dim: int = 0  # >0: conditioned on a vector embedding (unCLIP decoder)
     cond_tokens: int = 4  # extra attention tokens made from that embedding
     norm_groups: int = 32
+    # The network embeds t * timestep_scale (1000 / T for converted improved-diffusion models,
+    # which were trained on timesteps rescaled to [0, 1000): pipeline.convert).
+    timestep_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.architecture != "unet":
@@ -159,6 +162,9 @@ class UNetConfig(EncoderConfigMixin):
         _check_int("cond_tokens", self.cond_tokens, 1)
         if self.prediction_channels is not None:
             _check_int("prediction_channels", self.prediction_channels, 1)
+        if isinstance(self.timestep_scale, bool) or not isinstance(self.timestep_scale, (int, float)) \
+                or not self.timestep_scale > 0:
+            raise ValueError(f"timestep_scale: {self.timestep_scale!r} is not allowed; expected a number > 0")
 
     @property
     def data_channels(self) -> int:
@@ -335,6 +341,8 @@ class UNet(BlockNetwork):
             raise ValueError(f"x: height and width must be divisible by {factor} here, got {tuple(x.shape)}")
         b = x.shape[0]
         t = self._timesteps(t, x)
+        if cfg.timestep_scale != 1.0:
+            t = t.float() * cfg.timestep_scale
         e = self.time_embed(timestep_embedding(t, cfg.base_channels))
         if self.label_embed is not None:
             if y is None:

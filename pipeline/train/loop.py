@@ -23,6 +23,7 @@ from pipeline.train.checkpoint import find_resume_checkpoint, load_checkpoint, r
 from pipeline.train.data import model_labels
 from pipeline.train.ema import EMA, PowerEMA
 from pipeline.train.engine import build_engine, global_batch, precision_dtype
+from pipeline.train.init import apply_init_from
 from pipeline.train.metrics import MetricsLogger, Progress, image_grid_png, quartile_of_time
 from pipeline.train.objective import TrainModule
 from pipeline.train.posthoc_snapshots import discard_snapshots_after, save_snapshot
@@ -122,6 +123,7 @@ class _Trainer:
         torch.manual_seed(tc.seed)
         net = build_model_from_config(cfg.model)
         self.module = TrainModule(net, cfg.diffusion)
+        apply_init_from(self.module, cfg, self.run_dir, write_record=self.main)  # train.init_from: fine-tuning
         self.engine = build_engine(self.module, tc, world)
         # Dropout draws from the global generator: a per-rank stream, checkpointed with the run.
         torch.manual_seed(stream_seed(tc.seed, self.rank, -1, 0))

@@ -276,8 +276,11 @@ def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
     def fix(url: str) -> str:
         return url if "://" in url else str(Path(url).expanduser().resolve())
 
+    init = cfg.train.init_from
+    init = init.model_copy(update={"path": fix(init.path)}) if init is not None else None  # train.init_from
     return cfg.model_copy(update={"data": cfg.data.model_copy(update={"url": fix(cfg.data.url)}),
-                                  "train": cfg.train.model_copy(update={"run_dir": fix(cfg.train.run_dir)})})
+                                  "train": cfg.train.model_copy(update={"run_dir": fix(cfg.train.run_dir),
+                                                                        "init_from": init})})
 
 
 def check_launch(cfg: ExperimentConfig) -> None:
@@ -285,6 +288,9 @@ def check_launch(cfg: ExperimentConfig) -> None:
     from pipeline.train.preflight import preflight
 
     preflight(cfg)
+    from pipeline.train.init import check_init_from
+
+    check_init_from(cfg)  # train.init_from loads and fits the configured network
 
 
 def run_training(cfg: ExperimentConfig, address: str | None = None, dashboard: bool = False) -> dict[str, Any]:
