@@ -35,14 +35,14 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.config import load_config_or_exit
     from pipeline.train.loop import redacted_yaml
     from pipeline.train.preemption import EXIT_PREEMPTED
-    from pipeline.train.preflight import PreflightError, check_config_file, preflight
-    from pipeline.train.ray_launch import TrainingFailed, run_training
+    from pipeline.train.preflight import check_config_file
+    from pipeline.train.ray_launch import TrainingFailed, check_launch, run_training
 
     try:
         check_config_file(args.config)
         cfg = load_config_or_exit(args.config, args.overrides)
-        preflight(cfg)
-    except PreflightError as exc:
+        check_launch(cfg)  # preflight and train.init_from, before Ray starts
+    except ValueError as exc:  # PreflightError and the init_from checks: one line naming key and value
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(redacted_yaml(cfg), flush=True)

@@ -145,6 +145,7 @@ class PosthocEMAConfig(_Section):
             check_sigma_rel(s, "sigma_rels")
         if len(set(self.sigma_rels)) != len(self.sigma_rels):
             raise ValueError(f"sigma_rels: {list(self.sigma_rels)} repeats a value; give distinct values")
+        return self
 
 
 class InitFrom(_Section):

@@ -183,6 +183,7 @@ def test_launch_train_refuses_a_bad_init_from_with_exit_2(runs, tmp_path):
     prepare_dataset("builtin:shapes10", str(data), shard_size=64, num_samples=64, workers=0, progress=False)
     other = TINY[1].replace("num_classes: 10", "num_classes: 5")
     proc = subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), *TINY, other, f"data.url={data}",
-                           f"train.init_from={runs / 'base_export'}", f"train.run_dir={tmp_path / 'run'}"],
+                           f"train.init_from={runs / 'base_export'}", f"train.run_dir={tmp_path / 'run'}",
+                           "train.num_workers=1"],
                           capture_output=True, text=True, timeout=300, check=False, cwd=ROOT)
     assert proc.returncode == 2 and "label_embed.weight" in proc.stderr, proc.stderr[-2000:]
