@@ -35,7 +35,6 @@ from evaluation.seeds import sample_seeds
 from pipeline.diffusion import ddim_invert, registry, slerp
 from pipeline.diffusion.guidance import classifier_free_guidance
 from pipeline.diffusion.sampling import DiscreteView, VDMView
-from pipeline.diffusion.schedules import respace
 
 __all__ = [
     "EditModel",
@@ -43,8 +42,8 @@ __all__ = [
     "ddim_sampler",
     "decode",
     "from_unit",
-    "interpolate",
     "inpaint",
+    "interpolate",
     "invert",
     "load_edit_model",
     "read_image",
@@ -231,7 +230,7 @@ def _discrete(model: EditModel, what: str) -> DiscreteView:
 def invert(model: EditModel, x0: Tensor, seeds: np.ndarray, *, steps: int) -> Tensor:
     """x_T of ``x0`` (B, C, H, W) by DDIM inversion on ``steps`` respaced steps (labels from ``seeds``)."""
     view = _discrete(model, "--invert")
-    schedule = respace(view.schedule, f"ddim{steps}")  # the schedule the DDIM sampler decodes on
+    schedule = registry.ddim_schedule(view, steps)  # the schedule the DDIM sampler decodes on
     with torch.no_grad():
         return ddim_invert(view.net, schedule, x0.to(model.device), y=model.labels(seeds),
                            parameterization=view.parameterization, variance=view.variance)

@@ -24,12 +24,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from test_export import TINY_MODEL, make_run  # noqa: E402
+
 from evaluation import editing  # noqa: E402
 from evaluation.model_sampling import to_uint8  # noqa: E402
 from evaluation.seeds import sample_seeds  # noqa: E402
 from launch import sample as sample_cli  # noqa: E402
 from pipeline.export import export_run  # noqa: E402
-from test_export import TINY_MODEL, make_run  # noqa: E402
 
 SIZE, PAD = 8, 2
 

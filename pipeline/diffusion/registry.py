@@ -298,6 +298,11 @@ def _run_discrete(view: DiscreteView, x, seeds, y, steps, o, guide: Guide, *, dd
     return ddpm_sample(view.net, sched, tuple(x.shape), seeds=seeds, x_T=x, **common)
 
 
+def ddim_schedule(view: DiscreteView, steps: int):
+    """The respaced schedule DDIM runs a discrete model on with ``steps`` steps (what DDIM inversion inverts)."""
+    return _discrete_schedule(view, steps, ddim=True)
+
+
 def run_ddpm(view, x, seeds, y, steps, o, guide):
     """DDPM ancestral sampling (Ho et al. 2020, Algorithm 2); VDM's ancestral sampler for VDM models."""
     if isinstance(view, VDMView):
