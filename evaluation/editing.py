@@ -369,16 +369,16 @@ def _run(args: argparse.Namespace) -> int:
         seeds = sample_seeds(args.seed, np.arange(1))
         x_T = invert(model, x0, seeds, steps=steps)
         back = decode(model, x_T, seeds, steps=steps)
-        error = float((back.cpu() - x0).abs().max())
+        error, mean_error = float((back.cpu() - x0).abs().max()), float((back.cpu() - x0).abs().mean())
         images = np.concatenate([to_uint8(x0), to_uint8(back)])
         levels = int(np.abs(images[0].astype(np.int64) - images[1]).max())
         latent = out.with_suffix(".npy")
         out.parent.mkdir(parents=True, exist_ok=True)
         np.save(latent, x_T[0].cpu().numpy().astype(np.float32))
         record.update(edit="invert", image=args.invert, x_T=str(latent), round_trip_max_abs_error=error,
-                      round_trip_max_levels=levels)
+                      round_trip_mean_abs_error=mean_error, round_trip_max_levels=levels)
         message = (f"wrote x_T to {latent} and [input, reconstruction] to {out}; round trip ({steps} DDIM steps) "
-                   f"max abs error {error:.3g} in [-1, 1] ({levels} of 255 levels)")
+                   f"max abs error {error:.3g} in [-1, 1] ({levels} of 255 levels), mean {mean_error:.3g}")
     else:
         z0, z1 = (read_latent(p, model.shape) for p in args.interpolate)
         seeds = sample_seeds(args.seed, np.arange(args.frames))
