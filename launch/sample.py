@@ -15,7 +15,9 @@ EMA of a noisy-classifier training run (ADM). The sampler must fit the model's o
 lists them, from the registry ``pipeline.diffusion.OBJECTIVES``); a VDM samples with the learned
 noise schedule the export holds in objective.safetensors.
 ``--out`` ending in .png writes one grid; otherwise a folder of PNGs plus samples.json
-(seed and label of each image). Bad input exits with status 2 and a message.
+(seed and label of each image). Editing (``evaluation/editing.py``): ``--inpaint IMAGE --mask MASK``,
+``--invert IMAGE`` (x_T saved as OUT.npy), ``--interpolate A.npy B.npy --frames K``, each writing a
+row to ``--out`` (.png) and OUT.json. Bad input exits with status 2 and a message.
 """
 
 from __future__ import annotations
@@ -30,11 +32,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from evaluation import editing
     from pipeline.diffusion.registry import describe_samplers
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="exported model folder")
-    p.add_argument("--num", type=int, required=True, help="number of images N")
+    p.add_argument("--num", type=int, help="number of images N (required, except for --invert/--interpolate)")
     p.add_argument("--sampler", help="a sampler of the model's objective (default: the run's evaluation sampler); "
                    f"by objective: {describe_samplers()}")
     p.add_argument("--steps", type=int, help="sampling steps (default: the run's evaluation steps)")
@@ -54,6 +57,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--upsampler-steps", type=int, default=50, help="its sampling steps")
     p.add_argument("--upsampler-noise-level", type=float,
                    help="noise level s in [0, 1) of its low-resolution input (default: the export's)")
+    editing.add_arguments(p)
     return p.parse_args(argv)
 
 
@@ -84,6 +88,8 @@ def _fail(message: str) -> int:
 
 def check_args(args: argparse.Namespace) -> str | None:
     """The first problem with the arguments, or None."""
+    if args.num is None:
+        return "--num: required (the number of images N)"
     if args.num < 1:
         return f"--num: {args.num} is not allowed; it must be >= 1"
     if args.batch_size < 1:
@@ -171,7 +177,11 @@ def write_images(args: argparse.Namespace, images, labels: list[int], seeds, set
 
 
 def main(argv: list[str] | None = None) -> int:
+    from evaluation import editing
+
     args = parse_args(argv)
+    if editing.requested(args):  # --inpaint / --invert / --interpolate: evaluation/editing.py
+        return editing.run_cli(args)
     problem = check_args(args)
     if problem:
         return _fail(problem)

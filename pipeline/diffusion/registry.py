@@ -347,6 +347,11 @@ def _run_discrete(view: DiscreteView, x, seeds, y, steps, o, guide: Guide, *, dd
     return ddpm_sample(view.net, sched, tuple(x.shape), seeds=seeds, x_T=x, **common)
 
 
+def ddim_schedule(view: DiscreteView, steps: int):
+    """The respaced schedule DDIM runs a discrete model on with ``steps`` steps (what DDIM inversion inverts)."""
+    return _discrete_schedule(view, steps, ddim=True)
+
+
 def run_ddpm(view, x, seeds, y, steps, o, guide):
     """DDPM ancestral sampling (Ho et al. 2020, Algorithm 2); VDM's ancestral sampler for VDM models."""
     if isinstance(view, VDMView):
@@ -573,12 +578,13 @@ def data_channels(objective: str, options: Any, in_channels: int) -> int:
 def sample(view, sampler: str, shape: Sequence[int], seeds: Sequence[int] | Tensor, *, steps: int,
            y: Tensor | None = None, options: Any = None, guidance_scale: float = 0.0, null_class: int | None = None,
            cond_fn=None, known: Tensor | None = None, mask: Tensor | None = None,
-           device: torch.device | str | None = None) -> Tensor:
+           device: torch.device | str | None = None, noise: Tensor | None = None) -> Tensor:
     """Draw ``shape[0]`` samples from ``view`` with ``sampler``: every noise tensor comes from each sample's
     seed (``noise_from_seeds``), so sample i depends on ``seeds[i]`` only, not on its batch.
 
     ``guidance_scale`` w: classifier-free guidance (Ho & Salimans eq. 6), ``null_class`` the label of
-    the unconditional model; ``cond_fn``: classifier guidance (ADM); ``known``/``mask``: inpainting.
+    the unconditional model; ``cond_fn``: classifier guidance (ADM); ``known``/``mask``: inpainting;
+    ``noise``: the unit start noise (shape ``shape``) instead of each seed's, e.g. a DDIM-inverted x_T.
     """
     spec = sampler_spec(sampler)
     if not isinstance(view, spec.accepts):
@@ -596,7 +602,9 @@ def sample(view, sampler: str, shape: Sequence[int], seeds: Sequence[int] | Tens
             raise ValueError("null_class: None is not allowed with guidance_scale > 0 (the unconditional label)")
         view = view.with_net(classifier_free_guidance(view.net, guidance_scale, null_class=null_class))
     seeds_t = torch.as_tensor(seeds, dtype=torch.int64)
-    x = noise_from_seeds(seeds_t, tuple(shape)[1:], 0, device=device)
+    x = noise_from_seeds(seeds_t, tuple(shape)[1:], 0, device=device) if noise is None else noise
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"noise: shape {tuple(x.shape)} is not allowed; expected {tuple(shape)}")
     return spec.run(view, x, seeds_t, y, steps, opts, Guide(cond_fn, known, mask))
 
 
