@@ -355,6 +355,8 @@ def ddim_schedule(view: DiscreteView, steps: int):
 def run_ddpm(view, x, seeds, y, steps, o, guide):
     """DDPM ancestral sampling (Ho et al. 2020, Algorithm 2); VDM's ancestral sampler for VDM models."""
     if isinstance(view, VDMView):
+        if guide.inpainting:
+            raise ValueError("known/mask: VDM's ancestral sampler does not inpaint; use a discrete or score-SDE model")
         return vdm_sample(view.objective.eps_fn(view.net, y), view.objective.gamma, x, steps=steps, seeds=seeds)
     return _run_discrete(view, x, seeds, y, steps, o, guide, ddim=False)
 
