@@ -170,7 +170,7 @@ def evaluate_checkpoint(
     model = cfg.model.model_dump(mode="json")
     diffusion = cfg.diffusion.model_dump(mode="json")
     device = "cuda" if ev.gpus_per_worker > 0 else "cpu"
-    wanted = tuple(m for m in ev.metrics if m != "bpd")
+    wanted = tuple(m for m in ev.metrics if m not in ("bpd", "probe"))
     timings: dict[str, float] = {}
 
     # Resolve the feature extractor first: a missing weights file fails before an hour of sampling.
@@ -232,6 +232,12 @@ def evaluate_checkpoint(
             ray_address=ray_address,
         ))
         timings["bpd_s"] = time.perf_counter() - start
+    if "probe" in ev.metrics:  # linear probe of a representation model's EMA encoder
+        from evaluation.probe import probe_checkpoint
+
+        start = time.perf_counter()
+        metrics.update(probe_checkpoint(cfg, run_url, ckpt.images_seen, ema_rate))
+        timings["probe_s"] = time.perf_counter() - start
 
     record = {
         "run": run_url,

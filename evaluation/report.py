@@ -26,8 +26,9 @@ __all__ = ["TABLE_COLUMNS", "append_table", "library_versions", "plot_metrics", 
            "write_tensorboard"]
 
 TABLE_COLUMNS = ("checkpoint", "images_seen", "name", "num_samples", "fid", "is", "precision", "recall", "kid",
-                 "bpd", "feature_extractor", "created_utc")
-PLOTTED = ("fid", "is", "precision", "recall", "kid", "bpd")
+                 "bpd", "probe_accuracy", "probe_random_accuracy", "probe_pca_accuracy", "feature_extractor",
+                 "created_utc")
+PLOTTED = ("fid", "is", "precision", "recall", "kid", "bpd", "probe_accuracy")
 
 
 def library_versions() -> dict[str, str]:

@@ -16,6 +16,11 @@ lists them, from the registry ``pipeline.diffusion.OBJECTIVES``); a VDM samples 
 noise schedule the export holds in objective.safetensors.
 ``--out`` ending in .png writes one grid; otherwise a folder of PNGs plus samples.json
 (seed and label of each image). Bad input exits with status 2 and a message.
+
+``--from-images DIR`` (a representation model): each image of DIR is encoded and ``--num``
+samples are drawn from its code, one row per image (the image, then its samples; sample k of
+every row uses seed ``sample_seed(seed, k)``); ``--interpolate K`` also writes OUT-interpolation.png:
+K samples along the segment between the codes of DIR's first two images, one seed.
 """
 
 from __future__ import annotations
@@ -48,7 +53,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--out", required=True, help="grid.png, or a folder for one PNG per image")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--from-images", help="a representation model: encode the images of this folder and draw "
+                   "--num samples from each one's code (--out: a .png grid)")
+    p.add_argument("--interpolate", type=int, default=0, help="with --from-images: K samples between the codes "
+                   "of the first two images")
     return p.parse_args(argv)
+
+
+def _from_images(args, loaded, settings, device, out: Path) -> int:
+    """--from-images: rows of (image, samples from its code); optionally an interpolation row."""
+    from evaluation.reconstruction import interpolation_row, read_images, reconstruction_grid
+
+    if out.suffix.lower() != ".png" or args.interpolate < 0:
+        return _fail("--from-images: --out must be a .png grid and --interpolate >= 0")
+    try:
+        images = read_images(args.from_images, int(loaded.network.config.image_size))
+        rows, _ = reconstruction_grid(loaded, images, args.num, settings, args.seed, device, args.batch_size)
+        row = None
+        if args.interpolate:
+            if len(images) < 2 or args.interpolate < 2:
+                return _fail("--interpolate: needs K >= 2 and two images in --from-images")
+            row = interpolation_row(loaded, images[0], images[1], args.interpolate, settings, args.seed, device)
+    except ValueError as exc:
+        return _fail(str(exc))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _to_pil(grid(rows.reshape(-1, *rows.shape[2:]), nrow=rows.shape[1])).save(out)
+    if row is not None:
+        _to_pil(grid(row, nrow=len(row))).save(out.with_name(f"{out.stem}-interpolation.png"))
+    print(f"wrote {len(images)} rows of an image and {args.num} samples from its code to {out}")
+    return 0
 
 
 def grid(images, nrow: int, padding: int = 2):
@@ -141,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
                                    objective=loaded.objective, classifier=classifier)
     except ValueError as exc:
         return _fail(str(exc))
+    if args.from_images:
+        return _from_images(args, loaded, settings, device, out)
 
     indices = np.arange(args.num)
     seeds = sample_seeds(args.seed, indices)
