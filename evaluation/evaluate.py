@@ -185,6 +185,13 @@ def evaluate_checkpoint(
             "sampler": settings.as_dict(), "model": model, "diffusion": diffusion,
             **({"classifier": guidance["classifier"]} if classifier else {}),
             "custom_sample_fn": None if sample_fn_builder is None else _describe(sample_fn_builder)}
+    probe: dict[str, Any] = {}
+    if "probe" in ev.metrics:  # linear probe of a representation model's EMA encoder (before sampling: fails fast)
+        from evaluation.probe import probe_checkpoint
+
+        start = time.perf_counter()
+        probe = probe_checkpoint(cfg, run_url, ckpt.images_seen, ema_rate)
+        timings["probe_s"] = time.perf_counter() - start
     start = time.perf_counter()
     generation = generate_samples(
         builder, out_url, ev.num_samples, eval_seed=ev.seed, batch_size=ev.batch_size,
@@ -195,7 +202,7 @@ def evaluate_checkpoint(
     timings["sampling_s"] = time.perf_counter() - start
     npz_url = write_openai_npz(out_url, ev.num_samples, ev.samples_per_shard) if ev.write_npz else None
 
-    metrics: dict[str, Any] = {}
+    metrics: dict[str, Any] = dict(probe)
     skipped: dict[str, str] = {}
     reference: ReferenceFeatures | None = None
     reference_url = ev.reference_url or cfg.data.url
@@ -232,13 +239,6 @@ def evaluate_checkpoint(
             ray_address=ray_address,
         ))
         timings["bpd_s"] = time.perf_counter() - start
-    if "probe" in ev.metrics:  # linear probe of a representation model's EMA encoder
-        from evaluation.probe import probe_checkpoint
-
-        start = time.perf_counter()
-        metrics.update(probe_checkpoint(cfg, run_url, ckpt.images_seen, ema_rate))
-        timings["probe_s"] = time.perf_counter() - start
-
     record = {
         "run": run_url,
         "checkpoint": {"name": ckpt.rel.rsplit("/", 1)[-1], "path": ckpt.rel, "images_seen": ckpt.images_seen,

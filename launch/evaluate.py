@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, help="sampling / feature actors")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--name", help="evaluation folder name (default: derived from the settings)")
-    p.add_argument("--metrics", help="comma list of fid,is,pr,kid,bpd")
+    p.add_argument("--metrics", help="comma list of fid,is,pr,kid,bpd,probe")
     p.add_argument("--feature-extractor", help="inception-v3-compat (default) or inception-v3-tf-torchscript")
     p.add_argument("--inception-weights", help="local Inception weights file (offline clusters)")
     p.add_argument("--npz", action="store_true", help="also write samples.npz (openai reference-batch format)")
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
 
     progress = not args.no_progress
     try:
-        if any(m != "bpd" for m in cfg.eval.metrics):  # fail on missing weights before starting anything
+        if any(m not in ("bpd", "probe") for m in cfg.eval.metrics):  # fail on missing weights before anything
             resolve_feature_extractor(cfg.eval.feature_extractor, cfg.eval.inception_weights,
                                       allow_download=cfg.eval.download_weights,
                                       download_timeout_s=cfg.eval.download_timeout_s)

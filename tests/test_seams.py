@@ -125,7 +125,7 @@ def test_every_objective_module_has_the_same_call():
     x0 = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0)).clamp(-1, 1)
     y = torch.tensor([0, 1, 2, 3])
 
-    def net(x, t, y=None):
+    def net(x, t, y=None, **conditioning):  # the network contract: emb=, low_res= (ignored here)
         return 0.1 * x if x.shape[1] == 3 else 0.1 * x[:, :3]
 
     def classifier(x, t):

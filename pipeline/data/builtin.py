@@ -103,13 +103,13 @@ def shapes10_image(index: int, seed: int = 0, resolution: int = 32, any_colour: 
     yy = -yy  # y points up
     size = rng.uniform(0.45, 0.7)
     cx, cy = rng.uniform(-0.9 + size, 0.9 - size, size=2)
+    colour_rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(index), 0xC01])
     mask = _mask(label, xx - cx, yy - cy, size).astype(np.float32)
     # Box filter the supersampled mask: anti-aliased coverage per output pixel.
     cover = mask.reshape(resolution, _SUPERSAMPLE, resolution, _SUPERSAMPLE).mean(axis=(1, 3))[..., None]
     shade = np.clip(_COLOURS[label] * rng.uniform(0.8, 1.05) + rng.normal(0.0, 0.03, size=3), 0.0, 1.0)
     background = np.clip(rng.uniform(0.05, 0.3) + rng.normal(0.0, 0.03, size=3), 0.0, 1.0)
     if any_colour:  # the class is the shape alone: a random saturated hue, a random dark background
-        colour_rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(index), 0xC01])
         shade = _hue_rgb(colour_rng.uniform(0.0, 1.0)) * colour_rng.uniform(0.6, 1.0)
         background = colour_rng.uniform(0.0, 0.3, size=3)
     image = cover * shade + (1.0 - cover) * background
