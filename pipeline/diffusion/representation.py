@@ -36,10 +36,17 @@ def code_l1_penalty(z: Tensor) -> Tensor:
     return z.abs().flatten(1).sum(dim=1)
 
 
+def standardize_image(x: Tensor, eps: float = 1e-3) -> Tensor:
+    """Each image's channels to zero mean and unit standard deviation over the pixels (instance norm)."""
+    return (x - x.mean((2, 3), keepdim=True)) / (x.std((2, 3), keepdim=True) + eps)
+
+
 class ConvEncoder(nn.Module):
     """E_phi: a small convolutional encoder, (B, C, H, W) in [-1, 1] -> (B, d).
 
-    Three 3x3 conv blocks (GroupNorm, SiLU; the last two halve the resolution), global average
+    The input is standardised per image and channel first, so the code is not spent on the global
+    colour statistics of an image (which the denoiser reads off x_t itself at all but the highest
+    noise levels); then three 3x3 conv blocks (GroupNorm, SiLU; the last two halve the resolution), global average
     pooling (so the code does not depend on where in the image a feature is), and a linear map to d.
     """
 
@@ -61,7 +68,7 @@ class ConvEncoder(nn.Module):
         if x0.ndim != 4 or x0.shape[1] != self.in_channels:
             raise ValueError(f"x0: expected shape (B, {self.in_channels}, H, W) for the encoder "
                              f"(diffusion.options.image_channels), got {tuple(x0.shape)}")
-        h = self.features(x0)
+        h = self.features(standardize_image(x0))
         return self.project(F.adaptive_avg_pool2d(h, 1).flatten(1))
 
 
