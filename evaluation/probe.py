@@ -31,8 +31,19 @@ from torch import nn
 
 from evaluation.reference import dataset_manifest, leading_shards, read_shard_images
 
-__all__ = ["ProbeScore", "encode_images", "encoder_of", "probe_checkpoint", "labelled_images", "linear_probe", "pca_features", "probe_accuracy",
-           "random_like", "split_indices", "wilson_interval"]
+__all__ = [
+    "ProbeScore",
+    "encode_images",
+    "encoder_of",
+    "labelled_images",
+    "linear_probe",
+    "pca_features",
+    "probe_accuracy",
+    "probe_checkpoint",
+    "random_like",
+    "split_indices",
+    "wilson_interval",
+]
 
 
 def wilson_interval(correct: int, total: int, z: float = 1.959964) -> tuple[float, float]:

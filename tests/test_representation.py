@@ -9,7 +9,6 @@ stated margin, a constant encoder does not) and bad input at the CLIs (exit 2 wi
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys

@@ -17,8 +17,16 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["BUILTIN_DATASETS", "SHAPES10_ANYCOLOUR_CLASSES", "SHAPES10_CLASSES", "builtin_image", "builtin_label", "shapes10_image",
-           "shapes10_label", "shapes10_batch"]
+__all__ = [
+    "BUILTIN_DATASETS",
+    "SHAPES10_ANYCOLOUR_CLASSES",
+    "SHAPES10_CLASSES",
+    "builtin_image",
+    "builtin_label",
+    "shapes10_batch",
+    "shapes10_image",
+    "shapes10_label",
+]
 
 SHAPES10_CLASSES = (
     "red_circle",
