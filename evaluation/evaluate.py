@@ -164,6 +164,13 @@ def evaluate_checkpoint(
             "sampler": settings.as_dict(), "model": model, "diffusion": diffusion,
             **({"classifier": guidance["classifier"]} if classifier else {}),
             "custom_sample_fn": None if sample_fn_builder is None else _describe(sample_fn_builder)}
+    probe: dict[str, Any] = {}
+    if "probe" in ev.metrics:  # linear probe of a representation model's EMA encoder (before sampling: fails fast)
+        from evaluation.probe import probe_checkpoint
+
+        start = time.perf_counter()
+        probe = probe_checkpoint(cfg, run_url, ckpt.images_seen, ema_rate)
+        timings["probe_s"] = time.perf_counter() - start
     start = time.perf_counter()
     generation = generate_samples(
         builder, out_url, ev.num_samples, eval_seed=ev.seed, batch_size=ev.batch_size,
@@ -177,7 +184,7 @@ def evaluate_checkpoint(
     reference_url = ev.reference_url or cfg.data.url
     scores = score_samples(ev, out_url, sources, reference_url,
                            _model_resolution(cfg) if sample_fn_builder is None else None, progress, ray_address)
-    metrics: dict[str, Any] = scores.metrics
+    metrics: dict[str, Any] = {**probe, **scores.metrics}
     skipped, reference = scores.skipped, scores.reference
     timings.update(scores.timings)
     if "bpd" in ev.metrics and posthoc is not None:

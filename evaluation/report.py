@@ -28,10 +28,10 @@ __all__ = ["TABLE_COLUMNS", "append_table", "interval_columns", "library_version
 
 INTERVAL_METRICS = ("fid", "sfid", "fd_dinov2", "precision", "recall", "kid")
 TABLE_COLUMNS = ("checkpoint", "images_seen", "name", "num_samples", "fid", "sfid", "fd_dinov2", "is", "precision",
-                 "recall", "kid", "bpd",
+                 "recall", "kid", "bpd", "probe_accuracy", "probe_random_accuracy", "probe_pca_accuracy",
                  *(f"{m}_{end}" for m in INTERVAL_METRICS for end in ("low", "high")),
                  "feature_extractor", "created_utc")
-PLOTTED = ("fid", "sfid", "fd_dinov2", "is", "precision", "recall", "kid", "bpd")
+PLOTTED = ("fid", "sfid", "fd_dinov2", "is", "precision", "recall", "kid", "bpd", "probe_accuracy")
 
 
 def interval_columns(intervals: Mapping[str, Mapping[str, float]]) -> dict[str, float]:

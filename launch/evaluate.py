@@ -79,7 +79,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, help="sampling / feature actors")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--name", help="evaluation folder name (default: derived from the settings)")
-    p.add_argument("--metrics", help="comma list of fid,sfid,is,pr,kid,fd_dinov2,bpd")
+    p.add_argument("--metrics", help="comma list of fid,sfid,is,pr,kid,fd_dinov2,bpd,probe")
     p.add_argument("--feature-extractor", help="inception-v3-compat (default) or inception-v3-tf-torchscript")
     p.add_argument("--inception-weights", help="local Inception weights file (offline clusters)")
     p.add_argument("--dinov2-weights", help="local DINOv2 ViT-L/14 weights (timm safetensors or torch hub .pth), "

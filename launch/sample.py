@@ -18,6 +18,10 @@ noise schedule the export holds in objective.safetensors.
 (seed and label of each image). Editing (``evaluation/editing.py``): ``--inpaint IMAGE --mask MASK``,
 ``--invert IMAGE`` (x_T saved as OUT.npy), ``--interpolate A.npy B.npy --frames K``, each writing a
 row to ``--out`` (.png) and OUT.json. Bad input exits with status 2 and a message.
+``--from-images DIR`` (a representation model): each image of DIR is encoded and ``--num``
+samples are drawn from its code, one row per image (the image, then its samples; sample k of
+every row uses seed ``sample_seed(seed, k)``); ``--code-interpolate K`` also writes OUT-interpolation.png:
+K samples along the segment between the codes of DIR's first two images, one seed.
 """
 
 from __future__ import annotations
@@ -58,7 +62,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--upsampler-noise-level", type=float,
                    help="noise level s in [0, 1) of its low-resolution input (default: the export's)")
     editing.add_arguments(p)
+    p.add_argument("--from-images", help="a representation model: encode the images of this folder and draw "
+                   "--num samples from each one's code (--out: a .png grid)")
+    p.add_argument("--code-interpolate", type=int, default=0, help="with --from-images: K samples between the codes "
+                   "of the first two images")
     return p.parse_args(argv)
+
+
+def _from_images(args, loaded, settings, device, out: Path) -> int:
+    """--from-images: rows of (image, samples from its code); optionally an interpolation row."""
+    from evaluation.reconstruction import interpolation_row, read_images, reconstruction_grid
+
+    if out.suffix.lower() != ".png" or args.code_interpolate < 0:
+        return _fail("--from-images: --out must be a .png grid and --code-interpolate >= 0")
+    try:
+        images = read_images(args.from_images, int(loaded.network.config.image_size))
+        rows, _ = reconstruction_grid(loaded, images, args.num, settings, args.seed, device, args.batch_size)
+        row = None
+        if args.code_interpolate:
+            if len(images) < 2 or args.code_interpolate < 2:
+                return _fail("--code-interpolate: needs K >= 2 and two images in --from-images")
+            row = interpolation_row(loaded, images[0], images[1], args.code_interpolate, settings, args.seed, device)
+    except ValueError as exc:
+        return _fail(str(exc))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _to_pil(grid(rows.reshape(-1, *rows.shape[2:]), nrow=rows.shape[1])).save(out)
+    if row is not None:
+        _to_pil(grid(row, nrow=len(row))).save(out.with_name(f"{out.stem}-interpolation.png"))
+    print(f"wrote {len(images)} rows of an image and {args.num} samples from its code to {out}")
+    return 0
 
 
 def grid(images, nrow: int, padding: int = 2):
@@ -148,7 +180,7 @@ def build_sampler(args: argparse.Namespace, device: str):
         up = load_model(args.upsampler, device=device)
         check_upsampler(up, int(loaded.network.config.image_size), num_classes, sampler=args.upsampler_sampler,
                         steps=args.upsampler_steps, noise_level=args.upsampler_noise_level)
-    return sample_fn, settings, config.class_names, up
+    return sample_fn, settings, config.class_names, up, loaded
 
 
 def write_images(args: argparse.Namespace, images, labels: list[int], seeds, settings, names,
@@ -194,9 +226,11 @@ def main(argv: list[str] | None = None) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        sample_fn, settings, names, up = build_sampler(args, device)
+        sample_fn, settings, names, up, loaded = build_sampler(args, device)
     except ValueError as exc:
         return _fail(str(exc))
+    if args.from_images:
+        return _from_images(args, loaded, settings, device, Path(args.out))
     indices = np.arange(args.num)
     seeds = sample_seeds(args.seed, indices)
     images, labels = [], []

@@ -240,7 +240,7 @@ class EvalConfig(_Section):
     langevin_step_lr: float = Field(2e-5, gt=0)
     seed: int = 0
     num_workers: int = Field(1, ge=1)
-    metrics: tuple[Literal["fid", "sfid", "is", "pr", "kid", "fd_dinov2", "bpd"], ...] = (
+    metrics: tuple[Literal["fid", "sfid", "is", "pr", "kid", "fd_dinov2", "bpd", "probe"], ...] = (
         "fid", "sfid", "is", "pr", "kid")
     feature_extractor: str = "inception-v3-compat"
     inception_weights: str | None = None
@@ -271,6 +271,10 @@ class EvalConfig(_Section):
     # Bits/dim: full-chain VLB over held-out shards.
     bpd_url: str | None = None  # None: data.url
     bpd_max_images: int = Field(1000, ge=1)
+    # Linear probe of a representation model's encoder (evaluation/probe.py): labelled held-out data.
+    probe_url: str | None = None  # None: data.url
+    probe_max_images: int = Field(2000, ge=4)
+    probe_test_fraction: float = Field(0.5, gt=0.0, lt=1.0)
     # Scheduled evaluation.
     poll_s: float = Field(60.0, gt=0)
 

@@ -53,10 +53,10 @@ def net() -> torch.nn.Module:
 
 def _objective(kind: str):
     """The objective module a checkpoint would hold (VDM's learned schedule), for random-init tests."""
-    if kind != "vdm":
+    if kind not in ("vdm", "representation"):  # the objectives with parameters of their own
         return None
     torch.manual_seed(1)
-    return make_continuous_objective("vdm", OPTIONS["vdm"])
+    return make_continuous_objective(kind, OPTIONS.get(kind, {}))
 
 
 PAIRS = [(kind, s, {}) for kind, samplers in OBJECTIVE_SAMPLERS.items() for s in samplers] + [

@@ -150,6 +150,8 @@ LITERAL_ALLOWED = {
     ("pipeline/diffusion/sde.py", "langevin"), ("pipeline/diffusion/sde.py", "heun"),
     # a key of metrics.json's guidance record
     ("evaluation/evaluate.py", "classifier"),
+    # the name of a demo (launch/demo.py --only representation), which trains that objective
+    ("launch/demo.py", "representation"),
 }
 
 

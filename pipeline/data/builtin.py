@@ -1,17 +1,32 @@
-"""Datasets generated locally, with no download: ``builtin:shapes10``.
+"""Datasets generated locally, with no download: ``builtin:shapes10``, ``builtin:shapes10_anycolour``.
 
 ``shapes10``: RGB images (32x32 by default, any resolution) of one coloured shape on a plain
 background, 10 labelled classes. Class ``c`` fixes the shape and its hue; each sample jitters
 position, size, shade and background. Image ``i`` depends only on ``(seed, i)``, so any subset
 and any shard layout of the dataset is the same data, at any size. Shapes are rendered on a 4x
 supersampled grid and box-filtered, which gives smooth edges a small U-Net learns in minutes.
+
+``shapes10_anycolour``: the same ten shapes, but the class is the shape alone: hue, shade and
+background are drawn at random for every image (as are position and size), so no colour or
+single pixel tells the class. A linear classifier on raw pixels (or their principal components)
+is then well below 100% (it must find the shape at any position), which makes it a baseline
+a learned representation can be measured against (``evaluation.probe``).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["BUILTIN_DATASETS", "SHAPES10_CLASSES", "shapes10_image", "shapes10_label", "shapes10_batch"]
+__all__ = [
+    "BUILTIN_DATASETS",
+    "SHAPES10_ANYCOLOUR_CLASSES",
+    "SHAPES10_CLASSES",
+    "builtin_image",
+    "builtin_label",
+    "shapes10_batch",
+    "shapes10_image",
+    "shapes10_label",
+]
 
 SHAPES10_CLASSES = (
     "red_circle",
@@ -81,8 +96,9 @@ def shapes10_label(index: int, seed: int = 0) -> int:
     return int((index + seed) % 10)
 
 
-def shapes10_image(index: int, seed: int = 0, resolution: int = 32) -> np.ndarray:
-    """Sample ``index`` of ``builtin:shapes10`` as an (R, R, 3) uint8 array."""
+def shapes10_image(index: int, seed: int = 0, resolution: int = 32, any_colour: bool = False) -> np.ndarray:
+    """Sample ``index`` of ``builtin:shapes10`` as an (R, R, 3) uint8 array (``any_colour``: of
+    ``builtin:shapes10_anycolour``, a random hue per image)."""
     if index < 0:
         raise ValueError(f"index: {index!r} is not allowed; it must be >= 0")
     if resolution < 8:
@@ -95,13 +111,40 @@ def shapes10_image(index: int, seed: int = 0, resolution: int = 32) -> np.ndarra
     yy = -yy  # y points up
     size = rng.uniform(0.45, 0.7)
     cx, cy = rng.uniform(-0.9 + size, 0.9 - size, size=2)
+    colour_rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(index), 0xC01])
     mask = _mask(label, xx - cx, yy - cy, size).astype(np.float32)
     # Box filter the supersampled mask: anti-aliased coverage per output pixel.
     cover = mask.reshape(resolution, _SUPERSAMPLE, resolution, _SUPERSAMPLE).mean(axis=(1, 3))[..., None]
     shade = np.clip(_COLOURS[label] * rng.uniform(0.8, 1.05) + rng.normal(0.0, 0.03, size=3), 0.0, 1.0)
     background = np.clip(rng.uniform(0.05, 0.3) + rng.normal(0.0, 0.03, size=3), 0.0, 1.0)
+    if any_colour:  # the class is the shape alone: a random saturated hue, a random dark background
+        shade = _hue_rgb(colour_rng.uniform(0.0, 1.0)) * colour_rng.uniform(0.6, 1.0)
+        background = colour_rng.uniform(0.0, 0.3, size=3)
     image = cover * shade + (1.0 - cover) * background
     return np.round(image * 255.0).astype(np.uint8)
+
+
+def _hue_rgb(hue: float) -> np.ndarray:
+    """A fully saturated colour of ``hue`` in [0, 1) (the HSV hexcone with S = V = 1)."""
+    k = (np.array([5.0, 3.0, 1.0]) + hue * 6.0) % 6.0
+    return 1.0 - np.clip(np.minimum(k, 4.0 - k), 0.0, 1.0)
+
+
+def builtin_label(name: str, index: int, seed: int = 0) -> int:
+    """Class of sample ``index`` of ``builtin:NAME`` (both variants: the shape cycles through 0..9)."""
+    _check_name(name)
+    return shapes10_label(index, seed)
+
+
+def builtin_image(name: str, index: int, seed: int = 0, resolution: int = 32) -> np.ndarray:
+    """Sample ``index`` of ``builtin:NAME`` as an (R, R, 3) uint8 array."""
+    _check_name(name)
+    return shapes10_image(index, seed, resolution, any_colour=name == "shapes10_anycolour")
+
+
+def _check_name(name: str) -> None:
+    if name not in BUILTIN_DATASETS:
+        raise ValueError(f"builtin dataset: {name!r} is not allowed; expected one of {', '.join(BUILTIN_DATASETS)}")
 
 
 def shapes10_batch(start: int, stop: int, seed: int = 0, resolution: int = 32) -> tuple[np.ndarray, np.ndarray]:
@@ -113,4 +156,7 @@ def shapes10_batch(start: int, stop: int, seed: int = 0, resolution: int = 32) -
     return images, labels
 
 
-BUILTIN_DATASETS = {"shapes10": SHAPES10_CLASSES}
+# The class names of shapes10_anycolour: the shapes, without their shapes10 colour.
+SHAPES10_ANYCOLOUR_CLASSES = tuple(name.split("_", 1)[1] for name in SHAPES10_CLASSES)
+
+BUILTIN_DATASETS = {"shapes10": SHAPES10_CLASSES, "shapes10_anycolour": SHAPES10_ANYCOLOUR_CLASSES}

@@ -103,7 +103,8 @@ class BuiltinSource(Source):
         self._check_range(start, stop)
         res = resolution or self.resolution
         return [
-            Record(i, builtin.shapes10_image(i, self.seed, res), builtin.shapes10_label(i, self.seed), f"{self.name}/{i}")
+            Record(i, builtin.builtin_image(self.name, i, self.seed, res), builtin.builtin_label(self.name, i, self.seed),
+                   f"{self.name}/{i}")
             for i in range(start, stop)
         ]
 

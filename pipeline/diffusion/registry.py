@@ -31,6 +31,7 @@ from .inpainting import inpaint_sample
 from .likelihood import vlb_bits_per_dim
 from .ncsn import NCSNObjective, annealed_langevin_sample, ncsn_sigmas
 from .objectives import ClassifierObjective, DDPMObjective
+from .representation import CodeView, ConvEncoder, RepresentationObjective
 from .samplers import ddim_sample, ddpm_sample, noise_from_seeds
 from .schedules import respace
 from .sampling import DiscreteView, Guide, NCSNView, SDEView, SigmaView, VDMView
@@ -143,6 +144,17 @@ class VDMOptions(Options):
     antithetic: bool = True
     hidden: int = Field(1024, ge=1)
     schedule_objective: Literal["variance", "vlb"] = "variance"
+
+
+class RepresentationOptions(DDPMOptions):
+    """Diffusion-based representation learning (Abstreiter et al. 2021) on the DDPM objective: the DDPM
+    fields above, plus the encoder E_phi (code dimension d = the network's ``cond_embed_dim``) and the
+    L1 weight on its code."""
+
+    code_dim: int = Field(16, ge=1)  # d; the model needs cond_embed_dim = d
+    lambda_z: float = Field(1e-4, ge=0.0)  # weight of ||z||_1 per example
+    image_channels: int = Field(3, ge=1)  # the encoder's input channels (the data's)
+    encoder_channels: int = Field(32, ge=1)  # width of the first conv layer (then 2x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,6 +298,16 @@ def vdm_bpd(view: VDMView, x0: Tensor, y: Tensor | None, seeds: Tensor) -> Tenso
 
 _DDPM_FIELDS = tuple(DDPMOptions.model_fields)
 
+
+def _representation(o: RepresentationOptions) -> RepresentationObjective:
+    base = DDPMObjective(**{k: getattr(o, k) for k in _DDPM_FIELDS})
+    return RepresentationObjective(base, ConvEncoder(o.image_channels, o.code_dim, o.encoder_channels), o.lambda_z)
+
+
+def _code_view(net, obj: RepresentationObjective, o: RepresentationOptions) -> CodeView:
+    return CodeView(net, obj.schedule, o.parameterization, o.variance, obj.encoder)
+
+
 OBJECTIVES: dict[str, ObjectiveSpec] = {
     spec.name: spec
     for spec in (
@@ -313,6 +335,10 @@ OBJECTIVES: dict[str, ObjectiveSpec] = {
             UpsamplerOptions, lambda o: UpsamplerObjective(**o.model_dump()),
             lambda net, obj, o: DiscreteView(obj.bind(net), obj.schedule, o.parameterization, o.variance),
             DiscreteView, samplers=("ddpm", "ddim"), default="ddim", top_level=_DDPM_FIELDS),
+        ObjectiveSpec(
+            "representation", "diffusion-based representation learning (Abstreiter et al. 2021): DDPM with the "
+            "network conditioned on a learned encoder's code z (cond_embed_dim = code_dim), plus lambda_z ||z||_1",
+            RepresentationOptions, _representation, _code_view, CodeView, samplers=("ddpm", "ddim"), default="ddim"),
         ObjectiveSpec(
             "classifier", "ADM-G noisy classifier for classifier guidance (cross-entropy on x_t)",
             ClassifierOptions, lambda o: ClassifierObjective(o.schedule, o.timesteps), None,
