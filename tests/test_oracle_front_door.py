@@ -51,6 +51,16 @@ N_INPAINT, N_BIAS_INPAINT = 4_000, 40_000
 N_PC = 8_000
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These are many small (N x 2) tensor ops: one intra-op thread avoids the pool's overhead (and its
+    spin-waits on a shared machine); the previous setting is restored."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # ---------------------------------------------------------------------------------------------
 # The oracle, fast: one noise level per call (samplers pass one t for the whole batch)
 
@@ -64,13 +74,14 @@ class Oracle:
             raise ValueError(f"gm: dimension {gm.dim} is not allowed; the fast oracle is 2-D")
         self.gm = gm
 
-    def score(self, x: torch.Tensor, alpha, sigma, y: torch.Tensor | None = None) -> torch.Tensor:
+    def _terms(self, x: torch.Tensor, alpha, sigma):
+        """Per component: log pi_k N(x; alpha mu_k, C_k) (up to a constant) and C_k^-1 (x - alpha mu_k)."""
         gm = self.gm
         x64 = x.to(torch.float64)
         a = torch.as_tensor(alpha, dtype=torch.float64)
         s2 = torch.as_tensor(sigma, dtype=torch.float64) ** 2
         logits, sols = [], []
-        for k in range(gm.num_components):  # C_k^-1 (x - alpha mu_k), C_k = alpha^2 Sigma_k + sigma^2 I
+        for k in range(gm.num_components):  # C_k = alpha^2 Sigma_k + sigma^2 I, closed-form 2x2 inverse
             (v00, v01), (_, v11) = gm.covs[k].tolist()
             c00, c11, c01 = a**2 * v00 + s2, a**2 * v11 + s2, a**2 * v01
             det = c00 * c11 - c01**2
@@ -78,7 +89,16 @@ class Oracle:
             s0, s1 = (c11 * d0 - c01 * d1) / det, (c00 * d1 - c01 * d0) / det
             sols.append((s0, s1))
             logits.append(math.log(float(gm.weights[k])) - 0.5 * (d0 * s0 + d1 * s1 + torch.log(det)))
-        resp = torch.softmax(torch.stack(torch.broadcast_tensors(*logits), -1), -1)
+        return torch.stack(torch.broadcast_tensors(*logits), -1), sols
+
+    def class_log_posterior(self, x: torch.Tensor, alpha, sigma) -> torch.Tensor:
+        """log p(k | x_t), differentiable in x (the exact noisy classifier)."""
+        return torch.log_softmax(self._terms(x, alpha, sigma)[0], -1).to(x.dtype)
+
+    def score(self, x: torch.Tensor, alpha, sigma, y: torch.Tensor | None = None) -> torch.Tensor:
+        gm = self.gm
+        logits, sols = self._terms(x, alpha, sigma)
+        resp = torch.softmax(logits, -1)
         if y is not None:
             y = y.to(x.device).long()
             cond = y < gm.num_components
@@ -252,7 +272,8 @@ def test_the_pairs_are_every_pair_the_registry_allows():
 
 
 def test_the_fast_oracle_is_gm_score():
-    """Parity of the closed-form 2x2 path with GaussianMixture.score (unconditional and per class)."""
+    """Parity of the closed-form 2x2 path with GaussianMixture.score (unconditional and per class)
+    and with its exact noisy classifier."""
     x = torch.randn(64, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     y = torch.tensor([0, 1, 2, 3] * 16)  # 3: the null label, unconditional
     oracle = Oracle(GM)
@@ -260,6 +281,8 @@ def test_the_fast_oracle_is_gm_score():
         torch.testing.assert_close(oracle.score(x, a, s), GM.score(x, a, s), rtol=1e-9, atol=1e-9)
         cond = y < K
         torch.testing.assert_close(oracle.score(x, a, s, y)[cond], GM.score(x[cond], a, s, y[cond]), rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(oracle.class_log_posterior(x, a, s), GM.class_log_posterior(x, a, s),
+                                   rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("pair", PAIRS, ids=[p.id for p in PAIRS])
@@ -339,7 +362,7 @@ def draw_guided(g: Guided, n: int, seed0: int) -> tuple[torch.Tensor, torch.Tens
     else:
         net = view.net
         view = view.with_net(lambda x, t, y=None, **_: net(x, t, None))  # the unconditional oracle
-        kw = dict(cond_fn=classifier_cond_fn(oracle_classifier(GM, alpha_sigma)))
+        kw = dict(cond_fn=classifier_cond_fn(oracle_classifier(Oracle(GM), alpha_sigma)))
     x = sample(view, g.sampler, (n, D), torch.arange(n) + seed0, steps=g.steps, y=y, options=g.sampler_options, **kw)
     return x.to(torch.float64), y
 
