@@ -227,11 +227,14 @@ class Pair:
     steps: int
     options: dict = field(default_factory=dict)  # objective options
     sampler_options: dict = field(default_factory=dict)
-    bias: dict = field(default_factory=dict)
 
     @property
     def id(self) -> str:
         return f"{self.objective}-{self.sampler}{self.steps}"
+
+    @property
+    def bias(self) -> dict:
+        return BIAS[self.id]
 
 
 DDPM_OPTIONS = {"schedule": "cosine", "parameterization": "eps", "variance": "fixed_small"}
@@ -330,14 +333,20 @@ class Guided:
     kind: str  # 'cfg' (guidance_scale w, null class K) or 'classifier' (cond_fn of the exact noisy classifier)
     options: dict = field(default_factory=dict)
     sampler_options: dict = field(default_factory=dict)
-    bias: dict = field(default_factory=dict)
-    agree_bias: float = 0.0
     w: float = 1.0  # the CFG scale; -1 is the unconditional model (the null label only)
 
     @property
     def id(self) -> str:
         return f"{self.kind}{self.w:+g}-{self.objective}-{self.sampler}{self.steps}" if self.kind == "cfg" else \
             f"{self.kind}-{self.objective}-{self.sampler}{self.steps}"
+
+    @property
+    def bias(self) -> dict:
+        return BIAS[self.id]
+
+    @property
+    def agree_bias(self) -> float:
+        return AGREE_BIAS[self.id]
 
 
 GUIDED = [
@@ -412,11 +421,15 @@ class Inpaint:
     steps: int
     options: dict = field(default_factory=dict)
     sampler_options: dict = field(default_factory=dict)
-    bias: tuple[float, float] = (0.0, 0.0)  # measured (mean error / sqrt(v), var / v - 1)
 
     @property
     def id(self) -> str:
         return f"inpaint-{self.objective}-{self.sampler}{self.steps}"
+
+    @property
+    def bias(self) -> tuple[float, float]:
+        """Measured (mean error / sqrt(v), var / v - 1)."""
+        return INPAINT_BIAS[self.id]
 
 
 INPAINTS = [
@@ -484,14 +497,13 @@ def pc_batch_norms(n: int, seed0: int, corrector=None) -> torch.Tensor:
     return x.to(torch.float64)
 
 
-PC_BATCH_BIAS: dict = {}
 
 
 def test_pc_langevin_corrector_with_batch_norms_reproduces_the_mixture():
     """The corrector's math (Algorithm 5, batch-averaged norms as in the reference code) on the
     registry's VP view: 19 statistics within 5 combined SE of truth + measured bias (false failure
     1.1e-5; at N = 8000 SE(var) = 0.012, power 0.30 against a 5% variance error)."""
-    check_mixture(pc_batch_norms(N_PC, 0), PC_BATCH_BIAS, what="pc-batch", n_bias=N_BIAS_GUIDED)
+    check_mixture(pc_batch_norms(N_PC, 0), BIAS["pc-batch"], what="pc-batch", n_bias=N_BIAS_GUIDED)
 
 
 @pytest.mark.xfail(strict=True, reason="registry.run_pc uses snr_norm='example': in 2-D one example's ||score|| "
@@ -500,7 +512,7 @@ def test_pc_langevin_corrector_with_batch_norms_reproduces_the_mixture():
 def test_pc_with_the_corrector_through_the_registry_reproduces_a_2d_mixture():
     view, _, _ = oracle_view("vp_sde")
     x = sample(view, "pc", (2000, D), torch.arange(2000), steps=250).to(torch.float64)
-    check_mixture(x, PC_BATCH_BIAS, what="pc-registry", n_bias=N_BIAS_GUIDED)
+    check_mixture(x, BIAS["pc-batch"], what="pc-registry", n_bias=N_BIAS_GUIDED)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -537,7 +549,7 @@ def test_a_wrong_corrector_step_size_fails(monkeypatch):
 
     monkeypatch.setattr(sde_module, "langevin_corrector", wrong)
     with pytest.raises(AssertionError, match="pc-broken"):
-        check_mixture(pc_batch_norms(N_PC, 0), PC_BATCH_BIAS, what="pc-broken", n_bias=N_BIAS_GUIDED)
+        check_mixture(pc_batch_norms(N_PC, 0), BIAS["pc-batch"], what="pc-broken", n_bias=N_BIAS_GUIDED)
 
 
 def test_a_wrong_stopping_time_fails():
@@ -695,6 +707,58 @@ def test_a_vdm_loss_without_gamma_prime_fails(monkeypatch):
     err = expected_error(torch.sigmoid(-gamma).sqrt(), torch.sigmoid(gamma).sqrt())
     with pytest.raises(AssertionError, match="closed form"):
         check_loss(loss_mc("vdm", VDM_OPTIONS, vdm_term="loss_diff"), 0.5 * float(torch.trapezoid(err, gamma)), "vdm")
+
+
+# ---------------------------------------------------------------------------------------------
+# The measured biases (python tests/test_oracle_front_door.py measure N ids...): statistic -> bias at
+# the steps used; statistics within 2 SE of 0 at the measuring N are not listed (0).
+
+BIAS: dict[str, dict[str, float]] = {
+    'ddpm-ddpm250': {'w0': 0.0039, 'm00': 0.0162, 'm10': -0.0138, 'S000': -0.0673, 'S011': -0.1425, 'S001': 0.0268, 'S100': -0.1135, 'S111': -0.1087, 'S101': -0.0255, 'S200': -0.0908, 'S211': -0.1479, 'var': -0.1096},
+    'ddpm-ddim100': {'m00': 0.0346, 'm01': 0.0128, 'm10': -0.0334, 'm11': 0.0137, 'm21': -0.0379, 'S000': -0.0396, 'S011': -0.1308, 'S001': 0.0206, 'S100': -0.0471, 'S111': -0.0773, 'S101': -0.0305, 'S200': -0.088, 'S211': -0.0927, 'S201': 0.0167, 'var': -0.0793},
+    'ddpm-edm40': {'m00': -0.1224, 'm01': -0.0287, 'm10': 0.2219, 'm21': 0.2969, 'S000': 0.1389, 'S011': 0.1635, 'S100': 0.1924, 'S111': 0.1465, 'S101': -0.0141, 'S200': 0.1299, 'S211': 0.2057, 'var': 0.16},
+    'ddpm-dpm_solver40': {'w0': 0.0077, 'w2': -0.0063, 'm00': -0.1485, 'm01': -0.0355, 'm10': 0.3519, 'm11': 0.055, 'm20': 0.0338, 'm21': 0.5264, 'S000': 0.2329, 'S011': 0.0369, 'S001': 0.0466, 'S100': 0.2281, 'S111': 0.0904, 'S101': -0.0842, 'S200': 0.0349, 'S211': 0.2648, 'var': 0.1452},
+    'ddpm-euler128': {'w0': 0.0081, 'w2': -0.0064, 'm00': 0.1378, 'm01': 0.0399, 'm10': -0.1556, 'm11': 0.0317, 'm20': -0.0138, 'm21': -0.185, 'S000': 0.0815, 'S011': -0.0209, 'S001': 0.0213, 'S100': 0.0852, 'S111': -0.0213, 'S101': -0.0165, 'S200': -0.0697, 'S211': 0.092, 'S201': 0.0228, 'var': 0.027},
+    'vp_sde-pc250': {'m00': 0.0128, 'm11': 0.0126, 'S000': 0.0594, 'S011': 0.0516, 'S100': 0.0865, 'S111': 0.0713, 'S200': 0.0815, 'S211': 0.0982, 'var': 0.0694},
+    'vp_sde-ode1': {'S100': 0.0236, 'var': 0.009},
+    'vp_sde-heun100': {'S000': 0.0148, 'S011': 0.0559, 'S001': -0.0162, 'S100': 0.0538, 'S111': 0.0304, 'S211': 0.0601, 'var': 0.0379},
+    'vp_sde-ddim200': {'m00': 0.0327, 'm01': 0.012, 'm10': -0.0325, 'm11': 0.0122, 'm21': -0.036, 'S000': -0.039, 'S011': -0.1313, 'S001': 0.0218, 'S100': -0.0467, 'S111': -0.0784, 'S101': -0.0291, 'S200': -0.0914, 'S211': -0.0991, 'S201': 0.0159, 'var': -0.0804},
+    'vp_sde-edm40': {'m00': -0.0113, 'm10': 0.0307, 'm21': 0.0367, 'S100': 0.0318, 'var': 0.0153},
+    'vp_sde-dpm_solver40': {'m10': 0.0315, 'm21': 0.0447, 'S000': 0.0447, 'S011': 0.0191, 'S100': 0.0572, 'S111': 0.0331, 'S101': -0.0176, 'S211': 0.0282, 'S201': 0.0177, 'var': 0.0334},
+    'vp_sde-euler256': {'m00': 0.0321, 'm01': 0.0125, 'm10': -0.0314, 'm21': -0.0365, 'S011': -0.0251, 'S100': 0.0199, 'S200': -0.0286, 'S201': 0.018, 'var': -0.0079},
+    'subvp_sde-pc250': {'S001': 0.012, 'S100': 0.0298, 'var': 0.0129},
+    'subvp_sde-ode1': {},
+    'subvp_sde-heun100': {'S100': 0.0229},
+    'subvp_sde-ddim200': {'m00': 0.035, 'm01': 0.0128, 'm10': -0.0339, 'm11': 0.0121, 'm21': -0.0398, 'S011': -0.0345, 'S111': -0.0196, 'S200': -0.0391, 'S201': 0.0182, 'var': -0.0137},
+    'subvp_sde-edm40': {'m00': -0.0182, 'm10': 0.0425, 'm21': 0.0518, 'S000': 0.0263, 'S011': 0.0402, 'S100': 0.0516, 'S111': 0.034, 'S200': 0.0278, 'S211': 0.0422, 'var': 0.0365},
+    'subvp_sde-dpm_solver40': {'m00': -0.0118, 'm10': 0.0499, 'm11': 0.0143, 'm21': 0.0684, 'S000': 0.0748, 'S011': 0.065, 'S100': 0.0848, 'S111': 0.0617, 'S101': -0.015, 'S200': 0.0339, 'S211': 0.0754, 'S201': 0.0191, 'var': 0.0679},
+    'subvp_sde-euler256': {'m00': 0.0375, 'm01': 0.0136, 'm10': -0.0357, 'm11': 0.0122, 'm21': -0.0428, 'S100': 0.0277, 'S200': -0.0238, 'S201': 0.0187},
+    've_sde-pc250': {'w0': -0.0065, 'w2': 0.0045, 'S011': 0.0497, 'S100': 0.0437, 'S111': 0.0606, 'S200': 0.059, 'S211': 0.0819, 'var': 0.0456},
+    've_sde-ode1': {'S100': 0.0275, 'var': 0.0092},
+    've_sde-heun100': {'m10': 0.0119, 'S011': 0.0267, 'S100': 0.0347, 'S211': 0.0351, 'var': 0.0203},
+    've_sde-ddim200': {'m00': 0.0312, 'm01': 0.0128, 'm10': -0.0264, 'm11': 0.0121, 'm21': -0.033, 'S011': -0.0215, 'S201': 0.0158},
+    've_sde-edm40': {'m10': 0.0198, 'm21': 0.0259, 'S100': 0.0256, 'var': 0.0067},
+    've_sde-dpm_solver40': {'m10': 0.019, 'm21': 0.0255, 'S000': 0.0264, 'S100': 0.0449, 'S111': 0.0202, 'S101': -0.0139, 'S211': 0.0277, 'var': 0.0222},
+    've_sde-euler256': {'m00': 0.0283, 'm01': 0.0119, 'm10': -0.0235, 'm11': 0.0118, 'm21': -0.0291, 'S011': -0.0255, 'S201': 0.0153, 'var': -0.0083},
+    'ncsn-langevin30': {'w0': -0.0151, 'w1': 0.0067, 'w2': 0.0085, 'S000': 0.0317, 'S011': 0.0242, 'S100': 0.0908, 'S111': 0.0826, 'S200': 0.1163, 'S211': 0.1109, 'var': 0.0627},
+    'vdm-ddpm250': {'w0': 0.0035, 'w2': -0.0027, 'm00': 0.0368, 'm01': 0.0108, 'm10': -0.0316, 'm21': -0.0152, 'S000': -0.0295, 'S011': -0.0251, 'S100': -0.0437, 'S111': -0.0396, 'S200': -0.0617, 'S211': -0.0477, 'var': -0.0371},
+    'classifier-ddpm-ddim100': {'m20': 0.0246, 'S000': -0.0961, 'S011': -0.1606, 'S100': -0.1438, 'S111': -0.1151, 'S101': -0.0256, 'S200': -0.0791, 'S211': -0.1406, 'var': -0.1249},
+    'classifier-ddpm-ddpm250': {'m00': 0.0261, 'm10': -0.0322, 'S000': -0.0669, 'S011': -0.1555, 'S001': 0.0235, 'S100': -0.1191, 'S111': -0.1215, 'S101': -0.0188, 'S200': -0.0785, 'S211': -0.1229, 'var': -0.1118},
+    'cfg-1-ddpm-ddim100': {'m00': 0.0407, 'm01': 0.0173, 'm10': -0.0389, 'm21': -0.0439, 'S000': -0.0377, 'S011': -0.1295, 'S001': 0.0247, 'S100': -0.04, 'S111': -0.079, 'S101': -0.0304, 'S200': -0.0939, 'S211': -0.0779, 'S201': 0.024, 'var': -0.0768},
+    'cfg-1-vp_sde-edm40': {'m10': 0.0245, 'm21': 0.0276, 'S100': 0.0398, 'var': 0.0166},
+    'cfg-1-vdm-ddpm250': {'m00': 0.0356, 'm01': 0.015, 'm10': -0.0361, 'S100': -0.0431, 'S111': -0.05, 'S200': -0.0753, 'S211': -0.0463, 'var': -0.0365},
+    'cfg+1-ddpm-ddim100': {'m00': -0.5852, 'm01': -0.1497, 'm10': 0.8071, 'm11': -0.0762, 'm20': 0.0916, 'm21': 0.9801, 'S000': -0.158, 'S011': -0.3386, 'S001': 0.0532, 'S100': 0.0801, 'S111': -0.3869, 'S101': -0.0896, 'S200': -0.368, 'S211': 0.3554, 'S201': 0.0749, 'var': -0.1714},
+    'cfg+1-vp_sde-edm40': {'m00': -0.5942, 'm01': -0.1524, 'm10': 0.8317, 'm11': -0.0702, 'm20': 0.0953, 'm21': 1.0281, 'S000': -0.0655, 'S011': -0.1926, 'S001': 0.0384, 'S100': 0.2134, 'S111': -0.2792, 'S101': -0.0772, 'S200': -0.2637, 'S211': 0.5623, 'S201': 0.0809, 'var': -0.0445},
+    'pc-batch': {'S200': 0.0634, 'S211': 0.0561, 'var': 0.0263},
+}
+AGREE_BIAS: dict[str, float] = {'classifier-ddpm-ddim100': 0.0, 'classifier-ddpm-ddpm250': -0.0001, 'cfg-1-ddpm-ddim100': -0.0002, 'cfg-1-vp_sde-edm40': -0.0007, 'cfg-1-vdm-ddpm250': 0.0003, 'cfg+1-ddpm-ddim100': 0.0, 'cfg+1-vp_sde-edm40': 0.0}
+INPAINT_BIAS: dict[str, tuple[float, float]] = {
+    'inpaint-ddpm-ddpm100': (-0.0924, -0.3523),
+    'inpaint-ddpm-ddim100': (-0.0923, -0.3523),
+    'inpaint-vp_sde-pc250': (-0.4052, 0.5209),
+    'inpaint-ve_sde-pc250': (-0.3834, 0.4668),
+    'inpaint-ncsn-langevin30': (-0.0404, 0.1046),
+}
 
 
 # ---------------------------------------------------------------------------------------------
