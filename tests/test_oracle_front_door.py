@@ -829,7 +829,7 @@ AGREE_BIAS: dict[str, float] = {
 }
 INPAINT_BIAS: dict[str, tuple[float, float]] = {
     'inpaint-ddpm-ddpm100': (-0.0882, -0.3489),
-    'inpaint-ddpm-ddim100': (-0.0923, -0.3523),  # PLACEHOLDER
+    'inpaint-ddpm-ddim100': (-0.088, -0.3492),
     'inpaint-vp_sde-pc250': (-0.4027, 0.5331),
     'inpaint-ve_sde-pc250': (-0.3829, 0.4693),
     'inpaint-ncsn-langevin30': (-0.0351, 0.0942),
