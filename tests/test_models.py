@@ -308,13 +308,24 @@ def test_channels_last_matches_contiguous(preset):
 
 
 @pytest.mark.parametrize("preset", ["ddpm_cifar10", "adm_imagenet64", "adm_classifier_64"])
-def test_activation_checkpointing_gives_the_same_gradients(preset):
+def test_activation_checkpointing_gives_the_same_gradients(preset, monkeypatch):
+    """Same gradients with and without checkpointing, and checkpointing does run: every block of the
+    checkpointed model goes through torch.utils.checkpoint (counted), none of the plain one."""
+    from pipeline.models import unet
+
+    calls: list[int] = []
+    real = unet.checkpoint
+    monkeypatch.setattr(unet, "checkpoint", lambda fn, *a, **k: calls.append(1) or real(fn, *a, **k))
     plain = randomize_(small(preset)).train()
     ckpt = randomize_(small(preset)).train().set_activation_checkpointing(True)
     x, t, kw = inputs(plain)
+    counts = []
     for model in (plain, ckpt):
         torch.manual_seed(7)  # dropout masks must be replayed identically on recomputation
+        calls.clear()
         model(x, t, **kw).square().mean().backward()
+        counts.append(len(calls))
+    assert counts[0] == 0 and counts[1] >= 3, counts
     g_ckpt = _grads(ckpt)
     for name, g in _grads(plain).items():
         torch.testing.assert_close(g_ckpt[name], g, atol=1e-6, rtol=1e-5)

@@ -240,7 +240,9 @@ def test_evaluation_samples_each_trained_checkpoint(trained, name):
     assert images.shape == (2, 8, 8, 3) and labels.shape == (2,)
 
 
-def test_vdm_checkpoint_samples_with_its_learned_schedule(trained):
+def test_vdm_ema_objective_loads_the_checkpointed_learned_schedule(trained):
+    """Evaluation's objective from the EMA weights holds the checkpoint's learned schedule, tensor for
+    tensor (sampling through a VDM's learned schedule: tests/test_oracle_front_door.py, vdm-ddpm250)."""
     from evaluation.model_sampling import load_ema_objective
     from pipeline.train.checkpoint import load_ema_weights
 

@@ -138,7 +138,15 @@ def test_worker_killed_mid_run_is_restarted_and_ends_like_an_undisturbed_run(uni
             break
         time.sleep(0.02)
     assert killed is not None, "training finished before a worker could be killed"
+    before = {p.pid for p in workers}
+    restarted = False  # Ray restarts the whole group: workers with new process ids appear
+    while thread.is_alive() and time.monotonic() < deadline + 300:
+        if any(p.pid not in before for p in _train_workers()):
+            restarted = True
+            break
+        time.sleep(0.05)
     thread.join(timeout=300)
+    assert restarted, "no new training worker appeared after the SIGKILL (no restart)"
     assert not thread.is_alive(), "training did not finish after the restart"
     assert done.get("images_seen") == TOTAL
     _assert_same_run(run, uninterrupted[2])

@@ -383,7 +383,10 @@ for name, extra in runs.items():
 
 
 def test_run_directory_on_s3_checkpoints_resumes_and_holds_no_secret(dataset, s3_bucket, s3_env):
-    """A run dir at s3:// (SeaweedFS): committed checkpoints, exact resume, logs, no credentials."""
+    """A run dir at s3:// (SeaweedFS): committed checkpoints, a resume from the s3 checkpoint (the second
+    launch continues at 16 images; bitwise equality with an uninterrupted run is checked on local run
+    dirs by test_exact_resume_* and test_zero3_interrupted_and_resumed_run_equals_uninterrupted), logs,
+    no credentials."""
     from pipeline.data import storage
 
     run = f"{s3_bucket}/runs/tiny"

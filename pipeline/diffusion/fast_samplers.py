@@ -204,7 +204,8 @@ def denoiser_from_discrete(
     log_levels = torch.log(discrete_sigmas(schedule))
 
     def denoiser(x: Tensor, sigma: Tensor) -> Tensor:
-        idx = (torch.log(sigma.to(torch.float64).cpu())[:, None] - log_levels[None]).abs().argmin(-1)
+        distinct, which = torch.unique(sigma.to(torch.float64).cpu(), return_inverse=True)  # one search per level
+        idx = (torch.log(distinct)[:, None] - log_levels[None]).abs().argmin(-1)[which]
         abar = schedule.alphas_cumprod[idx]
         a = append_dims(abar.sqrt().to(device=x.device, dtype=x.dtype), x.ndim)
         s = append_dims((1 - abar).sqrt().to(device=x.device, dtype=x.dtype), x.ndim)

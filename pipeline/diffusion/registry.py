@@ -241,7 +241,7 @@ class SamplerSpec:
     run: Callable[..., Tensor]
     accepts: tuple[type, ...]
     classifier_guidance: bool = False
-    inpainting: bool = False
+    inpainting: tuple[type, ...] = ()  # the views it can inpaint (known/mask); () for none
     batch_exact: bool = True  # False: adaptive steps chosen per batch (equal to batch-of-one within tolerance)
 
 
@@ -450,11 +450,11 @@ SAMPLERS: dict[str, SamplerSpec] = {
     spec.name: spec
     for spec in (
         SamplerSpec("ddpm", "ancestral sampling (DDPM; VDM's ancestral sampler)", AncestralOptions, run_ddpm,
-                    (DiscreteView, VDMView), classifier_guidance=True, inpainting=True),
+                    (DiscreteView, VDMView), classifier_guidance=True, inpainting=(DiscreteView,)),
         SamplerSpec("ddim", "DDIM with eta (discrete schedules; sigma form for continuous time)", DDIMOptions, run_ddim,
-                    (DiscreteView, SDEView), classifier_guidance=True, inpainting=True),
+                    (DiscreteView, SDEView), classifier_guidance=True, inpainting=(DiscreteView,)),
         SamplerSpec("pc", "predictor-corrector (reverse diffusion / Euler-Maruyama + Langevin)", PCOptions, run_pc,
-                    (SDEView,), inpainting=True),
+                    (SDEView,), inpainting=(SDEView,)),
         SamplerSpec("ode", "probability-flow ODE, adaptive dopri5", ODEOptions, run_ode, (SDEView,),
                     batch_exact=False),
         SamplerSpec("heun", "probability-flow ODE, fixed-step Heun", NoOptions, run_heun, (SDEView,)),
@@ -462,7 +462,7 @@ SAMPLERS: dict[str, SamplerSpec] = {
         SamplerSpec("dpm_solver", "DPM-Solver++(2M) on Karras levels", NoOptions, run_dpm_solver, (SigmaView,)),
         SamplerSpec("euler", "EDM Euler (1st order) on Karras levels", NoOptions, run_euler, (SigmaView,)),
         SamplerSpec("langevin", "annealed Langevin dynamics (NCSN)", LangevinOptions, run_langevin, (NCSNView,),
-                    inpainting=True),
+                    inpainting=(NCSNView,)),
     )
 }
 DEFAULT_SAMPLER = "ddim"
@@ -578,8 +578,8 @@ def check_sampler_fits(objective: str, sampler: str, *, classifier: bool = False
                  for s in samplers_for(o) if SAMPLERS[s].classifier_guidance]
         raise ValueError(f"classifier guidance is not allowed for objective {objective!r} with sampler {sampler!r}; "
                          f"allowed: {' or '.join(pairs)}")
-    if inpainting and not SAMPLERS[sampler].inpainting:
-        allowed = [s for s in fits if SAMPLERS[s].inpainting]
+    if inpainting and not issubclass(spec.view_type, SAMPLERS[sampler].inpainting):
+        allowed = [s for s in fits if issubclass(spec.view_type, SAMPLERS[s].inpainting)]
         raise ValueError(f"sampler: {sampler!r} cannot inpaint; for objective {objective!r} use one of "
                          f"{', '.join(allowed) or '(none)'}")
 
@@ -622,8 +622,9 @@ def sample(view, sampler: str, shape: Sequence[int], seeds: Sequence[int] | Tens
         raise ValueError(f"steps: {steps!r} is not allowed; it must be >= 1")
     if cond_fn is not None and not (spec.classifier_guidance and isinstance(view, DiscreteView)):
         raise ValueError(f"classifier guidance is not allowed with sampler {sampler!r} on a {type(view).__name__}")
-    if (known is None) != (mask is None) or (known is not None and not spec.inpainting):
-        raise ValueError(f"known/mask: inpainting needs both, and a sampler that inpaints (not {sampler!r})")
+    if (known is None) != (mask is None) or (known is not None and not isinstance(view, spec.inpainting)):
+        raise ValueError(f"known/mask: inpainting needs both, and a sampler that inpaints a {type(view).__name__} "
+                         f"(not {sampler!r})")
     opts = options if isinstance(options, spec.options) else sampler_options(sampler, options)
     if guidance_scale:
         if null_class is None:
