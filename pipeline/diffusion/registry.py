@@ -399,7 +399,10 @@ def run_ddim(view, x, seeds, y, steps, o, guide):
 
 def run_pc(view: SDEView, x, seeds, y, steps, o, guide):
     """Predictor-corrector (Song et al. 2021, Algorithm 1); per-example corrector norms keep samples
-    independent of their batch."""
+    independent of their batch. Differs from score_sde's batch-averaged norms on purpose; in very low
+    dimension a near-zero score norm then makes a sample's Langevin step explode (the 2-D oracle
+    over-disperses 5-7x; tests/test_oracle_front_door.py keeps it as a strict xfail), which image
+    dimensions average away."""
     return pc_sample(view.score_fn(y), view.sde, x * float(view.sde.prior_std), steps=steps, predictor=o.predictor,
                      snr=o.snr, corrector_steps=max(o.corrector_steps, 1),
                      corrector="langevin" if o.corrector_steps else None, snr_norm="example", eps=view.t_eps,
