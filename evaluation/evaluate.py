@@ -265,13 +265,7 @@ def _posthoc_checkpoint(run_url: str, sigma_rel: float, at: str | int) -> tuple[
     """The time of a post-hoc EMA as a checkpoint record (``posthoc_ema/<images seen>``) and its provenance."""
     from pipeline.posthoc import posthoc_plan
 
-    if at != "latest":
-        try:
-            at = int(at)
-        except (TypeError, ValueError):
-            raise ValueError(f"checkpoint: {at!r} is not allowed with posthoc sigma_rel; use 'latest' (the last "
-                             f"snapshot) or a time in images seen") from None
-    plan = posthoc_plan(run_url, sigma_rel, None if at == "latest" else at)
+    plan = posthoc_plan(run_url, sigma_rel, at)
     last = plan.snapshots[-1].manifest
     manifest = {"step": None, "config_hash": last.get("config_hash")}
     return Checkpoint(plan.at_images, f"posthoc_ema/{plan.at_images:012d}", manifest), plan.provenance()

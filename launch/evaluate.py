@@ -144,9 +144,8 @@ def main(argv: list[str] | None = None) -> int:
 
             if args.watch:
                 raise ValueError("--posthoc-sigma and --watch: a sweep evaluates one time; drop --watch")
-            at = None if args.checkpoint == "latest" else _images(args.checkpoint)
             for s in sigmas:  # bad lengths, no snapshots, a time past the last snapshot: before Ray starts
-                posthoc_plan(args.run, s, at)
+                posthoc_plan(args.run, s, args.checkpoint)
         resolve_sources(cfg.eval)  # fail on missing weights before starting anything
         seeds = parse_seeds(args.seeds) if args.seeds is not None else None
         if seeds is not None and (args.watch or args.seed is not None or sigmas):
@@ -190,14 +189,6 @@ def _posthoc_sigmas(args: argparse.Namespace) -> list[float]:
     if not values:
         raise ValueError(f"--posthoc-sigma: {args.posthoc_sigma!r} lists no value; give e.g. 0.05,0.07,0.10,0.13")
     return [check_sigma_rel(v, "--posthoc-sigma") for v in values]
-
-
-def _images(value: str) -> int:
-    try:
-        return int(value)
-    except ValueError:
-        raise ValueError(f"--checkpoint: {value!r} is not allowed with --posthoc-sigma; use 'latest' or a time in "
-                         f"images seen") from None
 
 
 def _print_result(result) -> None:

@@ -118,13 +118,7 @@ def _posthoc_source(run_url: str, at: str | int, sigma_rel: float) -> tuple[Chec
     """(the snapshot time as a checkpoint record, reconstructed weights, provenance) of a post-hoc EMA."""
     from pipeline.posthoc import posthoc_plan, reconstruct
 
-    if at != "latest":
-        try:
-            at = int(at)
-        except (TypeError, ValueError):
-            raise ValueError(f"--checkpoint: {at!r} is not allowed with --posthoc-sigma; use 'latest' (the last "
-                             f"snapshot) or a time in images seen") from None
-    plan = posthoc_plan(run_url, sigma_rel, None if at == "latest" else at)
+    plan = posthoc_plan(run_url, sigma_rel, at)
     weights = reconstruct(run_url, sigma_rel, plan=plan)
     last = plan.snapshots[-1]
     manifest = {key: last.manifest.get(key) for key in ("world_size", "config_hash", "model_hash")}

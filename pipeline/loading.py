@@ -123,7 +123,7 @@ def load_posthoc_model(run_url: str, sigma_rel: float, at_images: str | int = "l
     from pipeline.posthoc import posthoc_plan, reconstruct
 
     cfg = config if config is not None else read_run_config(run_url)
-    plan = posthoc_plan(run_url, sigma_rel, None if at_images == "latest" else int(at_images))
+    plan = posthoc_plan(run_url, sigma_rel, at_images)
     weights = reconstruct(run_url, sigma_rel, plan=plan)
     where = f"post-hoc EMA sigma_rel {plan.sigma_rel:g} at {plan.at_images} images of {run_url}"
     network = network_from_state(cfg.model, network_state_dict(weights), where).to(device)

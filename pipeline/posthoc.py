@@ -91,12 +91,22 @@ def committed_snapshots(run_url: str) -> list[Snapshot]:
     return sorted(out, key=lambda s: s.images_seen)
 
 
-def posthoc_plan(run_url: str, sigma_rel: float, at_images: int | None = None) -> PosthocPlan:
+def posthoc_plan(run_url: str, sigma_rel: float, at_images: int | str | None = None) -> PosthocPlan:
     """The least-squares weights of the run's stored profiles for ``(at_images, sigma_rel)``.
 
-    ``at_images`` None: the last snapshot. ValueError for a sigma_rel outside (0, 0.2887), a run
-    without snapshots, or a time outside (first snapshot, last snapshot]."""
+    ``at_images`` None or 'latest': the last snapshot; else a time in images seen (an int, or a
+    string of one, as a ``--checkpoint`` flag gives it). ValueError for a sigma_rel outside
+    (0, 0.2887), a time that is not a number, a run without snapshots, or a time outside
+    (first snapshot, last snapshot]."""
     sigma = check_sigma_rel(sigma_rel, "posthoc sigma_rel")
+    if at_images == "latest":
+        at_images = None
+    if at_images is not None:
+        try:
+            at_images = int(at_images)
+        except (TypeError, ValueError):
+            raise ValueError(f"checkpoint: {at_images!r} is not allowed with a post-hoc EMA; use 'latest' (the last "
+                             "snapshot) or a time in images seen") from None
     snaps = committed_snapshots(run_url)
     if not snaps:
         raise ValueError(f"run {run_url!r} has no post-hoc EMA snapshots ({POSTHOC_DIR}/*/{MANIFEST}); train with "

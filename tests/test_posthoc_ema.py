@@ -226,6 +226,9 @@ def test_bad_input_is_a_clear_error(synthetic_run, tmp_path):
         posthoc_plan(str(run), 0.07, at_images=100)
     with pytest.raises(ValueError, match="no post-hoc EMA snapshots"):
         posthoc_plan(str(tmp_path), 0.07)
+    with pytest.raises(ValueError, match="checkpoint: 'soon' is not allowed with a post-hoc EMA"):
+        posthoc_plan(str(run), 0.07, at_images="soon")
+    assert posthoc_plan(str(run), 0.07, at_images="latest").at_images == posthoc_plan(str(run), 0.07).at_images
 
 
 # ---------------------------------------------------------------------------------------------
