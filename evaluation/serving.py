@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 from ray import serve
 
+from evaluation.seeds import image_records
 from pipeline.diffusion.registry import SAMPLERS
 
 __all__ = [
@@ -65,7 +66,6 @@ __all__ = [
     "build_app",
     "check_servable",
     "fetch_export",
-    "image_records",
     "load_export_sampler",
     "parse_request",
     "png_bytes",
@@ -354,20 +354,6 @@ def png_bytes(image: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def image_records(seeds: Sequence[int], labels: Sequence[int] | None,
-                  class_names: Sequence[str] | None) -> list[dict[str, Any]]:
-    """samples.json's records (index, file, seed, label, class name), as ``launch/sample.py`` writes them."""
-    records = []
-    for i, seed in enumerate(seeds):
-        rec: dict[str, Any] = {"index": i, "file": f"{i:06d}.png", "seed": int(seed)}
-        if labels is not None:
-            rec["label"] = int(labels[i])
-            if class_names:
-                rec["class_name"] = class_names[int(labels[i])]
-        records.append(rec)
-    return records
 
 
 def zip_images(pngs: Sequence[bytes], manifest: dict[str, Any]) -> bytes:

@@ -192,15 +192,11 @@ def write_images(args: argparse.Namespace, images, labels: list[int], seeds, set
         _to_pil(grid(images, nrow=math.ceil(math.sqrt(args.num)))).save(out)
         return
     out.mkdir(parents=True, exist_ok=True)
-    records = []
+    from evaluation.seeds import image_records
+
     for i, img in enumerate(images):
         _to_pil(img).save(out / f"{i:06d}.png")
-        rec = {"index": i, "file": f"{i:06d}.png", "seed": int(seeds[i])}
-        if labels:
-            rec["label"] = labels[i]
-            if names:
-                rec["class_name"] = names[labels[i]]
-        records.append(rec)
+    records = image_records(seeds, labels or None, names)
     info = {"model": str(args.model), "sampler": settings.as_dict(), "guidance_scale": args.guidance_scale,
             "classifier_run": args.classifier_run, "classifier_scale": args.classifier_scale,
             "class_label": args.class_label, "seed": args.seed, "cascade": cascade,
