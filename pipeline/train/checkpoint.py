@@ -262,12 +262,7 @@ def resolve_checkpoint(run_url: str, which: str | int = "latest") -> Checkpoint:
 
 
 def _staging_root(run: RunDir) -> Path:
-    if run.is_s3:
-        return Path(tempfile.mkdtemp(prefix="ckpt-staging-"))
-    # Same filesystem as the run dir, so files move into place by rename.
-    root = run.local_path(f"{CHECKPOINTS}/.staging")
-    root.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f"rank{dist.rank()}-", dir=root))
+    return run.staging_dir(CHECKPOINTS, prefix=f"rank{dist.rank()}-")
 
 
 def save_checkpoint(engine, run_url: str, *, images_seen: int, step: int, ema: EMA,

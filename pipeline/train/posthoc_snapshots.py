@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 from safetensors.torch import save_file as st_save_file
 
 from pipeline.train import dist
+from pipeline.train.checkpoint import checkpoint_name
 from pipeline.train.ema import PowerEMA
 from pipeline.train.rundir import RunDir, sha256_file
 
@@ -32,7 +32,7 @@ FORMAT_VERSION = 1
 
 
 def snapshot_name(images_seen: int) -> str:
-    return f"{images_seen:012d}"
+    return checkpoint_name(images_seen)  # the same 12-digit names as checkpoints
 
 
 def rank_file(rank: int) -> str:
@@ -40,11 +40,7 @@ def rank_file(rank: int) -> str:
 
 
 def _staging(run: RunDir) -> Path:
-    if run.is_s3:
-        return Path(tempfile.mkdtemp(prefix="phema-staging-"))
-    root = run.local_path(f"{POSTHOC_DIR}/.staging")  # same filesystem: files move into place by rename
-    root.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f"rank{dist.rank()}-", dir=root))
+    return run.staging_dir(POSTHOC_DIR, prefix=f"rank{dist.rank()}-")
 
 
 def save_snapshot(run_url: str, phema: PowerEMA, *, images_seen: int, config_hash: str, model_hash: str) -> str:

@@ -8,6 +8,7 @@ retries for S3).
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 from pipeline.data import storage
@@ -35,6 +36,16 @@ class RunDir:
         if self.is_s3:
             raise ValueError(f"run_dir: {self.url!r} is not a local path")
         return Path(self.url) / rel if rel else Path(self.url)
+
+    def staging_dir(self, under: str, prefix: str) -> Path:
+        """A new private local folder for files that will be stored under ``under``: inside
+        ``<under>/.staging`` of a local run dir (same filesystem, so they move into place by rename),
+        a temporary folder for an s3:// run dir."""
+        if self.is_s3:
+            return Path(tempfile.mkdtemp(prefix=f"{prefix}staging-"))
+        root = self.local_path(f"{under}/.staging")
+        root.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=root))
 
     # -- operations -----------------------------------------------------------------------------
     def write_bytes(self, rel: str, data: bytes) -> None:
