@@ -75,16 +75,14 @@ class CheckpointModel:
 
     def __call__(self) -> LikelihoodModel:
         from pipeline.config import DiffusionConfig
-        from pipeline.loading import network_from_state, network_state_dict, objective_state_dict
-        from pipeline.pretrained import objective_from_state
+        from pipeline.loading import from_weights
         from pipeline.train.checkpoint import load_ema_weights
 
         device = "cuda" if torch.cuda.is_available() else "cpu"  # a worker sees a GPU only when given one
         weights = load_ema_weights(self.run_url, self.checkpoint, self.ema_rate)[0]
         where = f"checkpoint {self.checkpoint} of {self.run_url}"
-        net = network_from_state(self.model, network_state_dict(weights), where).to(device)
         d = DiffusionConfig.model_validate(self.diffusion)
-        objective = objective_from_state(d, objective_state_dict(weights), where).to(device)
+        net, objective = from_weights(self.model, d, weights, where, device)
         num_classes = int(getattr(net.config, "num_classes", 0) or 0)
         view = registry.make_view(d.objective, net, objective, d.objective_options())
         return LikelihoodModel(view, registry.OBJECTIVES[d.objective].likelihood, int(net.config.image_size),

@@ -28,7 +28,7 @@ import torch
 
 from pipeline.config import DiffusionConfig
 from pipeline.diffusion import registry
-from pipeline.loading import network_from_state, network_state_dict, objective_state_dict
+from pipeline.loading import from_weights, network_from_state, network_state_dict, objective_state_dict
 from pipeline.pretrained import objective_from_state
 
 __all__ = [
@@ -301,8 +301,7 @@ class CheckpointSampleFn:
         else:
             weights = _load_weights(self.run_url, self.checkpoint, self.ema_rate)
             where = f"checkpoint {self.checkpoint} of {self.run_url}"
-        network = network_from_state(self.model, network_state_dict(weights), where)
-        objective = objective_from_state(self.diffusion, objective_state_dict(weights), where)
+        network, objective = from_weights(self.model, self.diffusion, weights, where)
         classifier = None
         if self.classifier is not None and self.settings.classifier_scale:
             c = self.classifier

@@ -31,6 +31,7 @@ __all__ = [
     "NET_PREFIX",
     "OBJECTIVE_PREFIX",
     "TrainedModel",
+    "from_weights",
     "is_export",
     "load_checkpoint_model",
     "load_model",
@@ -100,6 +101,15 @@ def network_from_state(model: Any, state: dict[str, torch.Tensor], where: str) -
     return network.eval()
 
 
+def from_weights(model: Any, diffusion: DiffusionConfig | dict[str, Any], weights: dict[str, torch.Tensor],
+                 where: str, device: str | torch.device = "cpu") -> tuple[nn.Module, nn.Module]:
+    """(network, objective module) in eval mode from training-module weights (``net.*`` and
+    ``objective.*``: a checkpoint's EMA, a post-hoc reconstruction, the live EMA), loaded strictly."""
+    network = network_from_state(model, network_state_dict(weights), where).to(device)
+    objective = objective_from_state(diffusion, objective_state_dict(weights), where).to(device)
+    return network, objective
+
+
 def read_run_config(run_url: str) -> ExperimentConfig:
     """The resolved config training saved as ``<run>/config.yaml``."""
     import yaml
@@ -126,8 +136,7 @@ def load_posthoc_model(run_url: str, sigma_rel: float, at_images: str | int = "l
     plan = posthoc_plan(run_url, sigma_rel, at_images)
     weights = reconstruct(run_url, sigma_rel, plan=plan)
     where = f"post-hoc EMA sigma_rel {plan.sigma_rel:g} at {plan.at_images} images of {run_url}"
-    network = network_from_state(cfg.model, network_state_dict(weights), where).to(device)
-    objective = objective_from_state(cfg.diffusion, objective_state_dict(weights), where).to(device)
+    network, objective = from_weights(cfg.model, cfg.diffusion, weights, where, device)
     source = {"kind": "posthoc", "run": run_url, "images_seen": plan.at_images, "ema_rate": None,
               "posthoc_ema": plan.provenance()}
     return TrainedModel(network, objective, cfg.diffusion, source, cfg, {"posthoc_plan": plan})
@@ -142,8 +151,7 @@ def load_checkpoint_model(run_url: str, checkpoint: str | int = "latest", ema_ra
     ckpt = resolve_checkpoint(run_url, checkpoint)
     weights, _ = load_ema_weights(run_url, ckpt.images_seen, ema_rate)
     where = f"checkpoint {ckpt.rel} of {run_url}"
-    network = network_from_state(cfg.model, network_state_dict(weights), where).to(device)
-    objective = objective_from_state(cfg.diffusion, objective_state_dict(weights), where).to(device)
+    network, objective = from_weights(cfg.model, cfg.diffusion, weights, where, device)
     rate = float(ema_rate if ema_rate is not None else ckpt.ema_rates[0])
     source = {"kind": "checkpoint", "run": run_url, "checkpoint": ckpt.rel, "images_seen": ckpt.images_seen,
               "ema_rate": rate}

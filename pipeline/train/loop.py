@@ -390,12 +390,11 @@ def write_sample_grid(cfg: ExperimentConfig, ema: EMA, images_seen: int, num: in
 def _sample_grid(cfg: ExperimentConfig, full: dict[str, torch.Tensor], images_seen: int, num: int,
                  steps: int) -> str:
     from pipeline.diffusion.registry import OBJECTIVES, data_channels, make_view, sample
-    from pipeline.loading import network_from_state, network_state_dict, objective_from_state, objective_state_dict
+    from pipeline.loading import from_weights
 
     device = _device()
     where = f"the EMA at {images_seen} images"
-    net = network_from_state(cfg.model, network_state_dict(full), where).to(device)
-    objective = objective_from_state(cfg.diffusion, objective_state_dict(full), where).to(device)
+    net, objective = from_weights(cfg.model, cfg.diffusion, full, where, device)
     options = cfg.diffusion.objective_options()
     view = make_view(cfg.diffusion.objective, net, objective, options)
     conf = net.config
