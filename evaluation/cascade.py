@@ -11,7 +11,8 @@ made it). At a sampling noise level s > 0 the low-resolution input is noised as 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -23,10 +24,11 @@ from pipeline.diffusion import registry
 from pipeline.diffusion.samplers import noise_from_seeds
 from pipeline.diffusion.upsampler import UpsamplerObjective, low_res_side, noise_augment
 
-__all__ = ["check_upsampler", "stage_seed", "upsample_images"]
+__all__ = ["CascadeSampleFn", "check_upsampler", "resolve_upsampler", "stage_seed", "upsample_images"]
 
 _STAGE = 1  # the second stage's seed: sample_seed(first stage seed, 1)
 _AUGMENT = 2  # its sampling-time augmentation noise: sample_seed(first stage seed, 2)
+SEED_RULE = "upsampled image i uses sample_seed(first stage seed of i, 1)"
 
 
 def stage_seed(seed: int) -> int:
@@ -90,6 +92,61 @@ def upsample_images(up: Any, images: np.ndarray, seeds: Sequence[int], labels: S
         with torch.no_grad():
             x = registry.sample(bound, sampler, (stop - start, *shape), batch_seeds, steps=steps, y=y, device=device)
         out.append(to_uint8(x))
-    info = {"sampler": sampler, "steps": steps, "noise_level": level, "seed_rule":
-            "upsampled image i uses sample_seed(first stage seed of i, 1)", "source": dict(up.source)}
+    info = {"sampler": sampler, "steps": steps, "noise_level": level, "seed_rule": SEED_RULE,
+            "source": dict(up.source)}
     return np.concatenate(out), info
+
+
+def resolve_upsampler(source: str, checkpoint: str | int, ema_rate: float | None, low_res_size: int,
+                      num_classes: int, *, sampler: str | None, steps: int,
+                      noise_level: float | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Load the second stage once (an export folder, or a run's checkpoint and EMA rate), check that it
+    upsamples the first stage's ``low_res_size`` images with these settings (ValueError otherwise),
+    and return (the reference the sampling workers load, its provenance for metrics.json)."""
+    from pipeline.loading import load_model
+
+    up = load_model(source, checkpoint=checkpoint, ema_rate=ema_rate)
+    check_upsampler(up, low_res_size, num_classes, sampler=sampler, steps=steps, noise_level=noise_level)
+    src = dict(up.source)
+    ref = {"source": source, "checkpoint": src.get("images_seen") if src["kind"] == "checkpoint" else "latest",
+           "ema_rate": src.get("ema_rate")}
+    config = up.network.config
+    record = {"source": src, "objective": up.diffusion.objective,
+              "options": up.diffusion.objective_options().model_dump(mode="json"),
+              "resolution": int(config.image_size), "low_res_size": low_res_size,
+              "sampler": sampler or registry.OBJECTIVES[up.diffusion.objective].default_sampler, "steps": steps,
+              "noise_level": float(up.objective.sample_noise_level if noise_level is None else noise_level),
+              "seed_rule": SEED_RULE}
+    return ref, record
+
+
+@dataclass(frozen=True)
+class CascadeSampleFn:
+    """Picklable builder for the evaluation workers: the first stage's ``sample_fn``, every image of it
+    then upsampled by the second stage (``upsampler``: what :func:`resolve_upsampler` returned), so the
+    metrics are those of the cascade at the upsampler's resolution. Labels are the first stage's."""
+
+    base: Callable[[], Callable]
+    upsampler: dict[str, Any]
+    sampler: str | None = None
+    steps: int = 50
+    noise_level: float | None = None
+    batch_size: int = 64
+    device: str = "cpu"
+
+    def __call__(self):
+        from pipeline.loading import load_model
+
+        first = self.base()
+        u = self.upsampler
+        up = load_model(u["source"], checkpoint=u["checkpoint"], ema_rate=u["ema_rate"], device=self.device)
+
+        def sample_fn(indices: np.ndarray, seeds: np.ndarray):
+            out = first(indices, seeds)
+            images, labels = out if isinstance(out, tuple) else (out, None)
+            big, _ = upsample_images(up, images, [int(s) for s in seeds], labels, sampler=self.sampler,
+                                     steps=self.steps, noise_level=self.noise_level, batch_size=self.batch_size,
+                                     device=self.device)
+            return big if labels is None else (big, labels)
+
+        return sample_fn

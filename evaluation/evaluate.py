@@ -57,13 +57,20 @@ class EvalResult:
 
 def default_name(cfg: EvalConfig, ema_rate: float | None, posthoc_sigma: float | None = None) -> str:
     """A folder name that changes whenever the sample set would: sampler, steps, eta, guidance, N, EMA
-    (or post-hoc EMA length), seed."""
+    (or post-hoc EMA length), seed, the cascade's second stage."""
     eta = f"-eta{cfg.eta:g}" if "eta" in sampler_spec(cfg.sampler).options.model_fields and cfg.eta else ""
     guidance = f"-cfg{cfg.guidance_scale:g}" if cfg.guidance_scale else ""
     guidance += f"-cls{cfg.classifier_scale:g}" if cfg.classifier_scale else ""
     guidance += f"-class{cfg.class_label}" if cfg.class_label is not None else ""
     ema = f"phema{posthoc_sigma:g}" if posthoc_sigma is not None else f"ema{ema_rate:g}"
-    return f"{cfg.sampler}{cfg.steps}{eta}{guidance}-n{cfg.num_samples}-{ema}-seed{cfg.seed}"
+    cascade = ""
+    if cfg.upsampler_run:  # a short hash of the second stage's settings
+        import hashlib
+
+        fields = [cfg.upsampler_run, cfg.upsampler_checkpoint, cfg.upsampler_ema_rate, cfg.upsampler_sampler,
+                  cfg.upsampler_steps, cfg.upsampler_noise_level]
+        cascade = "-up" + hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:8]
+    return f"{cfg.sampler}{cfg.steps}{eta}{guidance}-n{cfg.num_samples}-{ema}-seed{cfg.seed}{cascade}"
 
 
 def sampler_settings(cfg: EvalConfig) -> SamplerSettings:
@@ -119,7 +126,7 @@ def _describe(builder: Callable) -> str:
     return f"{getattr(target, '__module__', '?')}.{target.__qualname__}"
 
 
-def _model_resolution(cfg: ExperimentConfig) -> int:
+def resolve_model_resolution(cfg: ExperimentConfig) -> int:
     from pipeline.models import resolve_preset
 
     return int(resolve_preset(cfg.model.preset, **dict(cfg.model.overrides)).image_size)
@@ -146,7 +153,6 @@ def evaluate_checkpoint(
     ckpt, ema_rate, posthoc, name = _target(ev, run_url, checkpoint, posthoc_sigma)
     settings = sampler_settings(ev)
     guidance, classifier = guidance_provenance(cfg)
-    out_url = evaluation_url(run_url, ckpt, name)
     model = cfg.model.model_dump(mode="json")
     diffusion = cfg.diffusion.model_dump(mode="json")
     device = "cuda" if ev.gpus_per_worker > 0 else "cpu"
@@ -158,12 +164,19 @@ def evaluate_checkpoint(
     builder = sample_fn_builder or CheckpointSampleFn(run_url, ckpt.images_seen, ema_rate, model, diffusion,
                                                       settings, device, classifier,
                                                       posthoc_sigma=None if posthoc is None else posthoc["sigma_rel"])
+    resolution = resolve_model_resolution(cfg) if sample_fn_builder is None else None
+    upsampler = None
+    if ev.upsampler_run:  # ADM-U cascade: checked (and its weights resolved) before any sampling
+        builder, upsampler = _cascade(cfg, builder, device)
+        resolution = upsampler["resolution"]
     spec = {"checkpoint": ckpt.rel, "images_seen": ckpt.images_seen, "ema_rate": ema_rate,
             **({"posthoc_ema": {k: posthoc[k] for k in ("sigma_rel", "at_images", "snapshot_images")}}
                if posthoc else {}),
             "sampler": settings.as_dict(), "model": model, "diffusion": diffusion,
             **({"classifier": guidance["classifier"]} if classifier else {}),
+            **({"cascade": upsampler} if upsampler else {}),
             "custom_sample_fn": None if sample_fn_builder is None else _describe(sample_fn_builder)}
+    out_url = evaluation_url(run_url, ckpt, name)
     probe: dict[str, Any] = {}
     if "probe" in ev.metrics:  # linear probe of a representation model's EMA encoder (before sampling: fails fast)
         from evaluation.probe import probe_checkpoint
@@ -182,13 +195,14 @@ def evaluate_checkpoint(
     npz_url = write_openai_npz(out_url, ev.num_samples, ev.samples_per_shard) if ev.write_npz else None
 
     reference_url = ev.reference_url or cfg.data.url
-    scores = score_samples(ev, out_url, sources, reference_url,
-                           _model_resolution(cfg) if sample_fn_builder is None else None, progress, ray_address)
+    scores = score_samples(ev, out_url, sources, reference_url, resolution, progress, ray_address)
     metrics: dict[str, Any] = {**probe, **scores.metrics}
     skipped, reference = scores.skipped, scores.reference
     timings.update(scores.timings)
     if "bpd" in ev.metrics and posthoc is not None:
         skipped["bpd"] = "bits/dim reads a checkpoint's EMA; not computed for post-hoc EMA weights"
+    elif "bpd" in ev.metrics and upsampler is not None:
+        skipped["bpd"] = "bits/dim is the first stage's likelihood, not the cascade's; evaluate without an upsampler"
     elif "bpd" in ev.metrics:
         start = time.perf_counter()
         metrics.update(_bits_per_dim(cfg, CheckpointModel(run_url, ckpt.images_seen, ema_rate, model, diffusion),
@@ -196,6 +210,8 @@ def evaluate_checkpoint(
         timings["bpd_s"] = time.perf_counter() - start
     record = {
         **_what_was_sampled(cfg, run_url, ckpt, ema_rate, posthoc, name, settings, guidance, sample_fn_builder),
+        "cascade": upsampler,  # the second stage (ADM-U), None for the model alone
+        "resolution": resolution,
         "samples": {"url": out_url, "samples_per_shard": ev.samples_per_shard, "batch_size": ev.batch_size,
                     "num_workers": ev.num_workers, "shards_generated": len(generation.generated),
                     "shards_reused": len(generation.skipped), "npz": npz_url,
@@ -217,6 +233,19 @@ def evaluate_checkpoint(
     }
     _record(run_url, out_url, record)
     return EvalResult(out_url, record)
+
+
+def _cascade(cfg: ExperimentConfig, base: Callable, device: str) -> tuple[Callable, dict[str, Any]]:
+    """The first stage's builder wrapped by the configured upsampler, and the upsampler's provenance."""
+    from evaluation.cascade import CascadeSampleFn, resolve_upsampler
+
+    ev = cfg.eval
+    ref, record = resolve_upsampler(ev.upsampler_run, ev.upsampler_checkpoint, ev.upsampler_ema_rate,
+                                    resolve_model_resolution(cfg), resolve_model_classes(cfg), sampler=ev.upsampler_sampler,
+                                    steps=ev.upsampler_steps, noise_level=ev.upsampler_noise_level)
+    builder = CascadeSampleFn(base, ref, ev.upsampler_sampler, ev.upsampler_steps, ev.upsampler_noise_level,
+                              ev.batch_size, device)
+    return builder, record
 
 
 def _what_was_sampled(cfg: ExperimentConfig, run_url: str, ckpt: Checkpoint, ema_rate: float | None,

@@ -53,6 +53,12 @@ _FLAGS = {
     "classifier_scale": "eval.classifier_scale",
     "classifier_checkpoint": "eval.classifier_checkpoint",
     "class_label": "eval.class_label",
+    "upsampler_run": "eval.upsampler_run",
+    "upsampler_checkpoint": "eval.upsampler_checkpoint",
+    "upsampler_ema": "eval.upsampler_ema_rate",
+    "upsampler_sampler": "eval.upsampler_sampler",
+    "upsampler_steps": "eval.upsampler_steps",
+    "upsampler_noise_level": "eval.upsampler_noise_level",
 }
 
 
@@ -74,6 +80,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--classifier-run", help="run directory of a noisy classifier, for classifier guidance")
     p.add_argument("--classifier-scale", type=float, help="classifier guidance scale s >= 0 (needs --classifier-run)")
     p.add_argument("--classifier-checkpoint", help="'latest' (default) or the images seen of the classifier's checkpoint")
+    p.add_argument("--upsampler-run", help="super-resolution run directory (or export folder): upsample every "
+                   "sample (ADM-U cascade) and compute the metrics at its resolution")
+    p.add_argument("--upsampler-checkpoint", help="'latest' (default) or the images seen of its checkpoint")
+    p.add_argument("--upsampler-ema", type=float, help="its EMA rate (default: the checkpoint's first)")
+    p.add_argument("--upsampler-sampler", help="its sampler (default: its objective's default)")
+    p.add_argument("--upsampler-steps", type=int, help="its sampling steps (default 50)")
+    p.add_argument("--upsampler-noise-level", type=float,
+                   help="noise augmentation level of the low-resolution input at sampling (default: the model's)")
     p.add_argument("--class-label", type=int, help="class of every sample (default: drawn from each sample's seed)")
     p.add_argument("--seed", type=int, help="evaluation seed (sample i uses a seed from (seed, i))")
     p.add_argument("--workers", type=int, help="sampling / feature actors")
@@ -152,6 +166,14 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--seeds: not allowed with --watch, --seed or --posthoc-sigma")
         if not args.watch and not sigmas:
             resolve_checkpoint(args.run, args.checkpoint)  # a wrong --checkpoint fails before Ray starts
+        if cfg.eval.upsampler_run:  # a second stage that does not fit fails before Ray starts
+            from evaluation.cascade import resolve_upsampler
+            from evaluation.evaluate import resolve_model_classes, resolve_model_resolution
+
+            ev = cfg.eval
+            resolve_upsampler(ev.upsampler_run, ev.upsampler_checkpoint, ev.upsampler_ema_rate,
+                              resolve_model_resolution(cfg), resolve_model_classes(cfg), sampler=ev.upsampler_sampler,
+                              steps=ev.upsampler_steps, noise_level=ev.upsampler_noise_level)
         init_ray(cfg, address=args.address)
         if sigmas:
             results, plot = evaluate_posthoc_sweep(cfg, args.run, sigmas, args.checkpoint, progress=progress)

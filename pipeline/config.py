@@ -231,6 +231,14 @@ class EvalConfig(_Section):
     classifier_checkpoint: Literal["latest"] | int = "latest"
     classifier_ema_rate: float | None = None  # None: the classifier checkpoint's first EMA rate
     class_label: int | None = Field(None, ge=0)  # None: each sample's label is drawn from its seed
+    # Cascade (ADM-U): every sample is upsampled by a super-resolution model (a run directory with
+    # upsampler_checkpoint / upsampler_ema_rate, or an export folder); metrics at its resolution.
+    upsampler_run: str | None = None
+    upsampler_checkpoint: Literal["latest"] | int = "latest"
+    upsampler_ema_rate: float | None = None  # None: the checkpoint's first EMA rate
+    upsampler_sampler: SamplerName | None = None  # None: its objective's default sampler
+    upsampler_steps: int = Field(50, ge=1)
+    upsampler_noise_level: float | None = Field(None, ge=0.0, lt=1.0)  # None: the model's sample_noise_level
     # Continuous-time samplers: 'pc' Langevin corrector signal-to-noise ratio and steps (Song et al.
     # 2021: 0.16 and 1 for CIFAR-10), 'ode' solver tolerance, 'langevin' step size (NCSN eps).
     snr: float = Field(0.16, gt=0)

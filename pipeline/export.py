@@ -244,9 +244,23 @@ def _metric_summary(record: dict[str, Any]) -> dict[str, Any]:
         "feature_extractor": extractor.get("feature_extractor"),
         "feature_weights_sha256": extractor.get("weights_sha256"),
         "reference": record.get("reference"),
+        "cascade": record.get("cascade"),
         "created_utc": record.get("created_utc"),
         "url": record.get("_url"),
     }
+
+
+def _cascade_text(e: dict[str, Any]) -> str:
+    """The model card's words for an evaluation of the ADM-U cascade (empty for the model alone)."""
+    up = e.get("cascade")
+    if not up:
+        return ""
+    src = up.get("source") or {}
+    where = src.get("run") or src.get("path")
+    at = f", checkpoint {src['checkpoint']}" if src.get("checkpoint") else ""
+    return (f", upsampled to {up.get('resolution')}x{up.get('resolution')} by `{where}`{at} (EMA "
+            f"{_fmt(src.get('ema_rate'))}, {up.get('sampler')} {up.get('steps')} steps, noise level "
+            f"{_fmt(up.get('noise_level'))}): metrics of the cascade")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,7 +450,8 @@ def model_card(doc: dict[str, Any], fmt: str = "native") -> str:
             weights = f" (weights sha256 {e['feature_weights_sha256'][:12]})" if e.get("feature_weights_sha256") else ""
             lines.append(f"- `{e['name']}` (checkpoint {e['checkpoint']}): sampler {json.dumps(e['sampler'])}, "
                          f"{e['num_samples']} samples, eval seed {e['eval_seed']}, features "
-                         f"{e['feature_extractor']}{weights}, reference {ref_text}, created {e['created_utc']}; "
+                         f"{e['feature_extractor']}{weights}, reference {ref_text}{_cascade_text(e)}, "
+                         f"created {e['created_utc']}; "
                          f"full provenance: `{e['url']}`")
         lines.append("")
     if fmt == "native":

@@ -231,3 +231,63 @@ def test_cascade_refuses_a_mismatched_second_stage_with_exit_2(cascade, tmp_path
                             "--upsampler-noise-level", "1.5", *common])
     assert code == 2 and "--upsampler-noise-level: 1.5 is not allowed" in capsys.readouterr().err
     assert not (tmp_path / "g.png").exists()
+
+
+def _evaluate(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run([sys.executable, str(ROOT / "launch" / "evaluate.py"), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+
+
+def test_evaluate_scores_the_cascade_at_the_upsampler_resolution(cascade, tmp_path):
+    """launch/evaluate.py --upsampler-run: the stored samples are the first stage's evaluation samples
+    upsampled with their own seeds (bitwise), the metrics are at 16x16, and both stages are on record
+    in metrics.json and in the first stage's model card."""
+    import numpy as np
+
+    from evaluation.cascade import upsample_images
+    from evaluation.evaluate import sampler_settings
+    from evaluation.model_sampling import CheckpointSampleFn
+    from evaluation.sampling import read_samples, sample_seeds
+    from pipeline.export import export_run
+    from pipeline.loading import load_model, read_run_config
+
+    base, up = str(cascade / "base"), str(cascade / "up")
+    n = 4
+    out = _evaluate("--run", base, "--upsampler-run", up, "--upsampler-steps", "2", "--steps", "2",
+                    "--num-samples", str(n), "--metrics", "fid", "--bootstrap-resamples", "0", "--no-progress",
+                    "--feature-extractor", "inception-v3-tf-torchscript", f"eval.samples_per_shard={n}",
+                    "eval.reference_max_images=16", f"eval.reference_cache={tmp_path / 'ref'}")
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    [metrics_file] = (cascade / "base" / "eval").glob("*/*-up*/metrics.json")
+    record = json.loads(metrics_file.read_text())
+    assert record["resolution"] == 16 and record["metrics"]["fid"] > 0
+    stage = record["cascade"]
+    assert stage["source"]["run"] == up and stage["source"]["kind"] == "checkpoint"
+    assert (stage["resolution"], stage["low_res_size"], stage["steps"]) == (16, 8, 2)
+    assert stage["noise_level"] == pytest.approx(0.1)  # the upsampler's sample_noise_level
+
+    cfg = read_run_config(base)
+    cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"steps": 2, "num_samples": n})})
+    images, labels = CheckpointSampleFn(base, record["checkpoint"]["images_seen"], record["ema_rate"],
+                                        cfg.model.model_dump(mode="json"), cfg.diffusion.model_dump(mode="json"),
+                                        sampler_settings(cfg.eval))()(np.arange(n), sample_seeds(0, range(n)))
+    expected, _ = upsample_images(load_model(up), images, [int(s) for s in sample_seeds(0, range(n))], labels,
+                                  steps=2)
+    [stored] = list(read_samples(str(metrics_file.parent), n, n))
+    assert stored.shape == (n, 16, 16, 3) and np.array_equal(stored, expected)
+
+    card = export_run(base, str(tmp_path / "export"))
+    text = (Path(card.path) / "README.md").read_text()
+    assert f"upsampled to 16x16 by `{up}`" in text and "metrics of the cascade" in text
+
+
+def test_evaluate_refuses_a_second_stage_that_does_not_fit_before_ray_starts(cascade):
+    out = _evaluate("--run", str(cascade / "base"), "--upsampler-run", str(cascade / "base"), "--no-progress",
+                    "--feature-extractor", "inception-v3-tf-torchscript")
+    assert out.returncode == 2 and "not a super-resolution one" in out.stderr, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and "Started a local Ray instance" not in out.stderr
+    out = _evaluate("--run", str(cascade / "base"), "--upsampler-run", str(cascade / "up"),
+                    "--upsampler-noise-level", "1.5", "--no-progress")
+    assert out.returncode == 2 and "eval.upsampler_noise_level" in out.stderr, out.stderr[-2000:]
