@@ -398,14 +398,16 @@ def run_ddim(view, x, seeds, y, steps, o, guide):
 
 
 def run_pc(view: SDEView, x, seeds, y, steps, o, guide):
-    """Predictor-corrector (Song et al. 2021, Algorithm 1); per-example corrector norms keep samples
-    independent of their batch. Differs from score_sde's batch-averaged norms on purpose; in very low
-    dimension a near-zero score norm then makes a sample's Langevin step explode (the 2-D oracle
-    over-disperses 5-7x; tests/test_oracle_front_door.py keeps it as a strict xfail), which image
-    dimensions average away."""
+    """Predictor-corrector (Song et al. 2021, Algorithm 1). The Langevin corrector's step is
+    2 alpha_i (snr sigma_t)^2, the snr rule with the norms of pure noise at the current level
+    (``snr_norm='noise_level'``): batch-independent and stable in any dimension. Differs from
+    score_sde on purpose: its batch-mean norms make a sample depend on its batch, and each
+    example's own norms (Algorithm 4 literally) let a near-zero score explode the step in low
+    dimension (the 2-D oracle over-dispersed ~5x); equal to score_sde's step for images at high
+    noise, smaller at low noise (see ``sde.langevin_corrector``)."""
     return pc_sample(view.score_fn(y), view.sde, x * float(view.sde.prior_std), steps=steps, predictor=o.predictor,
                      snr=o.snr, corrector_steps=max(o.corrector_steps, 1),
-                     corrector="langevin" if o.corrector_steps else None, snr_norm="example", eps=view.t_eps,
+                     corrector="langevin" if o.corrector_steps else None, snr_norm="noise_level", eps=view.t_eps,
                      seeds=seeds, known=guide.known, mask=guide.mask)
 
 
