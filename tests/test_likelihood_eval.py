@@ -211,8 +211,8 @@ def test_vdm_bits_per_dim_of_the_oracle_match_its_exact_expected_vlb(vdm_dataset
     conservative: t is stratified in each batch), false failure <= 5.7e-7. Measured: SE 0.053 bits/dim
     (per-image sd 6.8) at N = 16384. Its gap to the exact density of the 8-bit data, -log(q(x) (2/255)^D),
     is +0.56 bits/dim: VDM's decoder at gamma_0 = -13.3 is a Gaussian of sd 0.0013 inside a bin of
-    width 0.0078. A model with every mean shifted by 0.2 (KL 0.72 bits/dim) fails (next test); with 0.1
-    (0.18 bits/dim, 3.4 SE) it would not: this estimator is noisy per image."""
+    width 0.0078. A model with every mean shifted by 0.2 fails (next test; measured +0.69 bits/dim, 12.6
+    SE); one shifted by 0.1 would not (+0.14, 2.6 SE): this estimator is noisy per image (sd 6.9)."""
     shards, images = vdm_dataset
     got = _vdm_evaluate(shards)
     exact = vdm_expected_bpd(images, mixture()).mean().item()
