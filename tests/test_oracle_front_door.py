@@ -564,13 +564,15 @@ def pc_registry(n: int, seed0: int, objective: str = "vp_sde") -> torch.Tensor:
     return sample(view, "pc", (n, D), torch.arange(n) + seed0, steps=250).to(torch.float64)
 
 
-def test_pc_with_the_corrector_through_the_registry_reproduces_the_mixture():
+@pytest.mark.parametrize("objective", ["vp_sde", "ve_sde"])
+def test_pc_with_the_corrector_through_the_registry_reproduces_the_mixture(objective):
     """Regression: run_pc's per-example corrector norms over-dispersed this mixture ~5x in variance (a
     near-zero ||score|| of one 2-D example exploded its step); the noise-level step of
     sde.langevin_corrector fixes it. 19 statistics within 5 combined SE of truth + the measured bias
-    (var +0.046 at N = 1e5; false failure 1.1e-5; power 0.71 against a 5% variance error). The old rule
-    ('example' norms) fails it: test_the_per_example_corrector_norms_fail."""
-    check_mixture(pc_registry(N_GUIDED, 0), BIAS["pc-registry"], what="pc-registry", n_bias=N_BIAS_GUIDED)
+    (var +0.046 VP, +0.021 VE at N = 1e5; false failure 1.1e-5; power 0.71 against a 5% variance
+    error). The old rule ('example' norms) fails it: test_the_per_example_corrector_norms_fail."""
+    name = "pc-registry" if objective == "vp_sde" else f"pc-registry-{objective}"
+    check_mixture(pc_registry(N_GUIDED, 0, objective), BIAS[name], what=name, n_bias=N_BIAS_GUIDED)
 
 
 def test_the_per_example_corrector_norms_fail(monkeypatch):
@@ -999,6 +1001,7 @@ BIAS: dict[str, dict[str, float]] = {
     'ncsn-langevin30': {'w0': -0.0151, 'w1': 0.0067, 'w2': 0.0085, 'S000': 0.0317, 'S011': 0.0242, 'S100': 0.0908, 'S111': 0.0826, 'S200': 0.1163, 'S211': 0.1109, 'var': 0.0627},
     'vdm-ddpm250': {'w0': 0.0035, 'w2': -0.0027, 'm00': 0.0368, 'm01': 0.0108, 'm10': -0.0316, 'm21': -0.0152, 'S000': -0.0295, 'S011': -0.0251, 'S100': -0.0437, 'S111': -0.0396, 'S200': -0.0617, 'S211': -0.0477, 'var': -0.0371},
     'pc-registry': {'m00': 0.0123, 'S000': 0.0486, 'S011': 0.0433, 'S100': 0.0462, 'S111': 0.0324, 'S200': 0.0478, 'S211': 0.0669, 'var': 0.0462},
+    'pc-registry-ve_sde': {'S011': 0.0173, 'S100': 0.0246, 'S111': 0.0286, 'S200': 0.0275, 'S211': 0.0384, 'var': 0.0213},
     'pc-batch': {'S000': 0.029, 'S011': 0.0161, 'S001': 0.0102, 'S200': 0.0409, 'S211': 0.0376, 'var': 0.024},
 }
 AGREE_BIAS: dict[str, float] = {
