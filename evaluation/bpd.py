@@ -7,6 +7,12 @@ comes from its own seed (eval seed, shard position, image position; the batch's 
 the batch-level ODE draws), and the batches are fixed by the shards, so the estimate does not
 depend on the number of workers. Reported as the mean over images with its standard error
 (sample standard deviation / sqrt(N)).
+
+NCSN has no estimate, on purpose: its network is trained at its L noise levels only, with a largest
+level (sigma_max = 1 by default) comparable to the data's range, so the model defines no density:
+a probability-flow ODE would query the untrained levels in between and assume a N(0, sigma_max^2)
+prior that p_{sigma_max} is far from, and annealed Langevin has no tractable bound (Song & Ermon
+2019 report none). Train the VE SDE (``ve_sde``), its continuous-time form, for bits/dim.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ from evaluation.sampling import SampleFn, generate_samples, sample_seeds, write_
 from evaluation.scoring import resolve_sources, score_samples
 from pipeline.config import EvalConfig, ExperimentConfig
 from pipeline.data import storage
-from pipeline.diffusion.registry import sampler_spec
+from pipeline.diffusion.registry import sampler_spec, steps_used
 from pipeline.train.checkpoint import Checkpoint, committed_checkpoints, resolve_checkpoint
 
 __all__ = ["EvalResult", "default_name", "evaluate_checkpoint", "evaluate_posthoc_sweep", "evaluation_url",
@@ -261,6 +261,10 @@ def _what_was_sampled(cfg: ExperimentConfig, run_url: str, ckpt: Checkpoint, ema
         **({"posthoc_ema": posthoc} if posthoc is not None else {}),
         "name": name,
         "sampler": settings.as_dict() if custom is None else {"custom": _describe(custom)},
+        # fewer than sampler.steps where Karras levels snapped to a discrete schedule coincide
+        "steps_used": None if custom is not None else steps_used(cfg.diffusion.objective,
+                                                                 cfg.diffusion.objective_options(),
+                                                                 settings.sampler, settings.steps),
         "guidance": guidance if custom is None else None,
         "objective": cfg.diffusion.objective,
         "num_samples": ev.num_samples,

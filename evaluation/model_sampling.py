@@ -183,15 +183,17 @@ def make_sample_fn(
                                guidance_scale=settings.guidance_scale, null_class=num_classes, cond_fn=cond_fn,
                                device=device)
 
-    return ModelSampleFn(draw, shape, label_classes, settings.class_label, device)
+    return ModelSampleFn(draw, shape, label_classes, settings.class_label, device,
+                         registry.steps_used(d.objective, options, settings.sampler, settings.steps))
 
 class ModelSampleFn:
     """``sample_fn(indices, seeds) -> uint8 images`` (or ``(images, labels)`` for a labelled model);
     :meth:`samples` gives the sampler's float output before quantisation."""
 
-    def __init__(self, draw, shape, label_classes: int, class_label: int | None, device):
+    def __init__(self, draw, shape, label_classes: int, class_label: int | None, device, steps_used: int | None = None):
         self.draw, self.shape, self.device = draw, tuple(shape), device
         self.label_classes, self.class_label = label_classes, class_label
+        self.steps_used = steps_used  # the steps the sampler takes: fewer than asked where Karras levels merged
 
     def labels(self, seeds: np.ndarray) -> np.ndarray | None:
         if not self.label_classes:

@@ -184,7 +184,7 @@ def build_sampler(args: argparse.Namespace, device: str):
 
 
 def write_images(args: argparse.Namespace, images, labels: list[int], seeds, settings, names,
-                 cascade: dict | None = None) -> None:
+                 cascade: dict | None = None, steps_used: int | None = None) -> None:
     """One grid PNG (``--out`` ending in .png), or one PNG per image plus samples.json."""
     out = Path(args.out)
     if out.suffix.lower() == ".png":
@@ -197,7 +197,8 @@ def write_images(args: argparse.Namespace, images, labels: list[int], seeds, set
     for i, img in enumerate(images):
         _to_pil(img).save(out / f"{i:06d}.png")
     records = image_records(seeds, labels or None, names)
-    info = {"model": str(args.model), "sampler": settings.as_dict(), "guidance_scale": args.guidance_scale,
+    info = {"model": str(args.model), "sampler": settings.as_dict(), "steps_used": steps_used,
+            "guidance_scale": args.guidance_scale,
             "classifier_run": args.classifier_run, "classifier_scale": args.classifier_scale,
             "class_label": args.class_label, "seed": args.seed, "cascade": cascade,
             "seed_rule": "image i uses evaluation.seeds.sample_seed(seed, i)", "images": records}
@@ -247,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
                                               batch_size=args.batch_size, device=device)
         except ValueError as exc:
             return _fail(str(exc))
-    write_images(args, images, labels, seeds, settings, names, cascade)
+    write_images(args, images, labels, seeds, settings, names, cascade, getattr(sample_fn, "steps_used", None))
     print(f"wrote {args.num} images to {args.out}")
     return 0
 

@@ -85,6 +85,15 @@ def test_every_sampler_is_finite_shaped_and_batch_independent(net, kind, sampler
     assert not torch.allclose(x[0], x[1])
 
 
+def test_the_sample_function_reports_the_steps_its_sampler_takes(net):
+    """Karras levels snapped to a discrete schedule merge: EDM asked for 40 levels of the 1000-step cosine
+    schedule takes 22 steps, and the sample function (what samples.json and metrics.json record) says so."""
+    cosine = DiffusionConfig(objective="ddpm", schedule="cosine", timesteps=1000)
+    assert make_sample_fn(net, SamplerSettings("edm", steps=40), diffusion=cosine).steps_used == 22
+    assert make_sample_fn(net, SamplerSettings("ddim", steps=40), diffusion=cosine).steps_used == 40
+    assert make_sample_fn(net, SamplerSettings("edm", steps=40), diffusion=DiffusionConfig(objective="vp_sde")).steps_used == 40
+
+
 def test_unsupported_pairs_name_objective_sampler_and_allowed(net):
     with pytest.raises(ValueError, match=r"sampler: 'langevin' is not allowed for objective 'vp_sde'; allowed: pc, ode"):
         make_sample_fn(net, SamplerSettings("langevin"), diffusion=DiffusionConfig(objective="vp_sde"))

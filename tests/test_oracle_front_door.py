@@ -33,6 +33,7 @@ Each check is shown to raise on a deliberately broken variant (tests ``test_a_*_
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import time
@@ -244,7 +245,7 @@ class Pair:
 
 DDPM_OPTIONS = {"schedule": "cosine", "parameterization": "eps", "variance": "fixed_small"}
 NO_CLIP = {"clip_denoised": False}
-PREDICTOR_ONLY = {"corrector_steps": 0}  # the Langevin corrector: see test_pc_langevin_corrector_...
+PREDICTOR_ONLY = {"corrector_steps": 0}  # with the corrector: test_pc_with_the_corrector_through_the_registry_...
 NCSN_OPTIONS = {"sigma_max": 1.0, "sigma_min": 0.01, "num_scales": 10}
 VDM_OPTIONS = {"schedule": "learned", "hidden": 16}
 
@@ -416,6 +417,26 @@ def test_cfg_at_w_minus_one_is_the_unconditional_sampler_bit_for_bit():
     assert not torch.equal(plain, sharpened)
 
 
+def test_karras_levels_merged_by_snapping_are_reported():
+    """Karras levels snapped to a discrete schedule's trained levels merge (EDM's round_sigma): 40 asked
+    of the 1000-step cosine schedule give 22 steps. The sampler warns, registry.steps_used says how
+    many (what metrics.json and samples.json record as steps_used; the sample function of
+    evaluation.model_sampling: tests/test_objectives_integration.py); a continuous-time model takes
+    the steps asked, silently."""
+    import warnings
+
+    view, _, _ = oracle_view("ddpm", GM, DDPM_OPTIONS)
+    with pytest.warns(UserWarning, match="'edm': 40 Karras levels .* give 22 distinct steps"):
+        sample(view, "edm", (4, D), range(4), steps=40)
+    assert registry.steps_used("ddpm", registry.objective_options("ddpm", None, DDPM_OPTIONS), "edm", 40) == 22
+    assert registry.steps_used("ddpm", registry.objective_options("ddpm", None, DDPM_OPTIONS), "ddim", 40) == 40
+    sde_view, _, _ = oracle_view("vp_sde")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sample(sde_view, "dpm_solver", (4, D), range(4), steps=40)
+    assert registry.steps_used("vp_sde", registry.objective_options("vp_sde", {}), "dpm_solver", 40) == 40
+
+
 def test_guidance_is_refused_where_the_registry_does_not_allow_it():
     from pipeline.diffusion.guidance import classifier_cond_fn, oracle_classifier
 
@@ -536,13 +557,34 @@ def test_pc_langevin_corrector_with_batch_norms_reproduces_the_mixture():
     check_mixture(pc_batch_norms(N_GUIDED, 0), BIAS["pc-batch"], what="pc-batch", n_bias=N_BIAS_GUIDED)
 
 
-@pytest.mark.xfail(strict=True, reason="registry.run_pc uses snr_norm='example': in 2-D one example's ||score|| "
-                   "can vanish near a mode, the step 2 alpha (snr ||z|| / ||s||)^2 explodes (heavy-tailed), "
-                   "and PC with the corrector over-disperses the mixture ~5x in variance")
-def test_pc_with_the_corrector_through_the_registry_reproduces_a_2d_mixture():
-    view, _, _ = oracle_view("vp_sde")
-    x = sample(view, "pc", (2000, D), torch.arange(2000), steps=250).to(torch.float64)
-    check_mixture(x, BIAS["pc-batch"], what="pc-registry", n_bias=N_BIAS_GUIDED)
+def pc_registry(n: int, seed0: int, objective: str = "vp_sde") -> torch.Tensor:
+    """PC as users call it: registry.sample(..., 'pc', steps=250) with its default corrector (1 Langevin
+    step, snr 0.16, step 2 alpha (snr sigma_t)^2)."""
+    view, _, _ = oracle_view(objective)
+    return sample(view, "pc", (n, D), torch.arange(n) + seed0, steps=250).to(torch.float64)
+
+
+@pytest.mark.parametrize("objective", ["vp_sde", "ve_sde"])
+def test_pc_with_the_corrector_through_the_registry_reproduces_the_mixture(objective):
+    """Regression: run_pc's per-example corrector norms over-dispersed this mixture ~5x in variance (a
+    near-zero ||score|| of one 2-D example exploded its step); the noise-level step of
+    sde.langevin_corrector fixes it. 19 statistics within 5 combined SE of truth + the measured bias
+    (var +0.046 VP, +0.021 VE at N = 1e5; false failure 1.1e-5; power 0.71 against a 5% variance
+    error). The old rule ('example' norms) fails it: test_the_per_example_corrector_norms_fail."""
+    name = "pc-registry" if objective == "vp_sde" else f"pc-registry-{objective}"
+    check_mixture(pc_registry(N_GUIDED, 0, objective), BIAS[name], what=name, n_bias=N_BIAS_GUIDED)
+
+
+def test_the_per_example_corrector_norms_fail(monkeypatch):
+    """The broken variant of the check above: the corrector with each example's own norms (the rule
+    run_pc used before) over-disperses (measured at N = 2000: 'var' +5.3, i.e. 6.3x the variance, but
+    heavy-tailed, so only 3.5 SE; the weights 'w0' / 'w2' 8 SE and 'S211' 9 SE carry the failure)."""
+    from pipeline.diffusion import sde as sde_module
+
+    right = sde_module.langevin_corrector
+    monkeypatch.setattr(sde_module, "langevin_corrector", lambda *a, **k: right(*a, **{**k, "norm": "example"}))
+    with pytest.raises(AssertionError, match="pc-example-norms"):
+        check_mixture(pc_registry(2000, 0), BIAS["pc-registry"], what="pc-example-norms", n_bias=N_BIAS_GUIDED)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -570,8 +612,8 @@ def test_exact_samples_pass_and_a_5_percent_variance_error_fails():
 
 def test_a_wrong_corrector_step_size_fails(monkeypatch):
     """Langevin corrector whose drift uses twice the step its noise was drawn for (x + 2 eps s +
-    sqrt(2 eps) z): its stationary law is too narrow, and the PC check fails (measured: 'var' 86 SE
-    low, 9 other statistics > 5 SE)."""
+    sqrt(2 eps) z): its stationary law is too narrow, and the registry PC check fails (measured: 'var'
+    36 SE low, 'w0' / 'w2' 15 SE, 8 other statistics > 5 SE)."""
     from pipeline.diffusion import sde as sde_module
 
     right = sde_module.langevin_corrector
@@ -582,7 +624,7 @@ def test_a_wrong_corrector_step_size_fails(monkeypatch):
 
     monkeypatch.setattr(sde_module, "langevin_corrector", wrong)
     with pytest.raises(AssertionError, match="pc-broken"):
-        check_mixture(pc_batch_norms(N_GUIDED, 0), BIAS["pc-batch"], what="pc-broken", n_bias=N_BIAS_GUIDED)
+        check_mixture(pc_registry(N_GUIDED, 0), BIAS["pc-registry"], what="pc-broken", n_bias=N_BIAS_GUIDED)
 
 
 def test_a_wrong_stopping_time_fails():
@@ -605,6 +647,7 @@ def test_a_wrong_stopping_time_fails():
 
 DELTA = torch.tensor([0.3, -0.2], dtype=torch.float64)
 M, M_VDM = 1_000_000, 50_000  # VDM's reconstruction term (256 bins per dimension) is the costly one
+M_VDM_T = 20_000  # the T-step checks (their broken variant is a factor ~2.8 off)
 
 
 def mmse(alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -625,11 +668,12 @@ def uniform_t_mean(f, lo: float, hi: float = 1.0, points: int = 400_001) -> floa
     return float(torch.trapezoid(f(t) * t, u)) / (hi - lo)
 
 
-def loss_mc(objective: str, options: dict, *, seed: int = 0, vdm_term: str | None = None) -> tuple[float, float]:
-    """(mean, SE) of the objective's per-example loss for the deliberately wrong oracle on G1."""
+def loss_mc(objective: str, options: dict, *, seed: int = 0, vdm_term: str | None = None,
+            m: int | None = None) -> tuple[float, float]:
+    """(mean, SE) of the objective's per-example loss for the deliberately wrong oracle on G1 (m examples)."""
     _, module, alpha_sigma = oracle_view(objective, G1, options)
     net = Oracle(G1).eps_net(alpha_sigma, offset=DELTA)
-    m = M_VDM if objective == "vdm" else M
+    m = m or (M_VDM if objective == "vdm" else M)
     x0, _ = G1.sample(m, torch.Generator().manual_seed(seed))
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
@@ -751,6 +795,138 @@ def test_a_ddpm_vlb_with_the_other_variance_fails():
         ddpm_vlb_check("fixed_large", "fixed_small")
 
 
+V_OUT = 0.4  # the learned-range output v: log variance = 0.7 log beta + 0.3 log beta~ (Improved DDPM eq. 15)
+
+
+def learned_range_net(alpha_sigma, v: float = V_OUT):
+    """The deliberately wrong oracle (eps + DELTA) with learned_range's extra channels fixed at v."""
+    base = Oracle(G1).eps_net(alpha_sigma, offset=DELTA)
+    return lambda x, t, y=None, **_: torch.cat([base(x, t, y), torch.full_like(x, v)], 1)
+
+
+@functools.lru_cache(maxsize=None)
+def _learned_range_draw(loss: str):
+    options = {**DDPM_OPTIONS, "variance": "learned_range", "loss": loss}
+    _, module, alpha_sigma = oracle_view("ddpm", G1, options)
+    x0, _ = G1.sample(M // 4, torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        out = module.training_loss(learned_range_net(alpha_sigma), x0, generator=torch.Generator().manual_seed(9))
+    sched, t = module.schedule, out.t_index
+    keep = t > 0
+    abar, beta, v_q, c1 = (v.to(torch.float64)[t] for v in (sched.alphas_cumprod, sched.betas,
+                                                             sched.posterior_variance, sched.posterior_mean_coef1))
+    frac = (V_OUT + 1) / 2
+    v_p = torch.exp(frac * torch.log(beta) + (1 - frac) * torch.log(v_q))
+    err = expected_error(abar.sqrt(), (1 - abar).sqrt()) / D
+    kl = 0.5 * (torch.log(v_p / v_q) + v_q / v_p - 1 + c1**2 * (1 - abar) / abar * err / v_p) / math.log(2.0)
+    weight = sched.num_timesteps * (module.vlb_weight if loss == "hybrid" else 1.0)
+    return out, keep, err, kl, weight
+
+
+def ddpm_learned_range_check(loss: str, vlb_scales: tuple[float, ...] = (1.0,)) -> None:
+    """Per example at its own t > 0: E[loss | t] = E[L_simple | t] + lambda T E[L_{t-1} | t] (hybrid, lambda =
+    vlb_weight) or T E[L_{t-1} | t] (vlb), where E[L_simple | t] = E||eps - eps^||^2 / D and L_{t-1} is
+    the KL of ddpm_vlb_check with v_p = beta^0.7 beta~^0.3. Each of ``vlb_scales`` multiplies the closed
+    form's KL term (1: the check; others: broken variants; one Monte-Carlo draw, cached, for all)."""
+    out, keep, err, kl, weight = _learned_range_draw(loss)
+    for scale in vlb_scales:
+        expected = (err if loss == "hybrid" else 0.0) + weight * kl * scale
+        diff = (out.loss.to(torch.float64) - expected)[keep]
+        se = float(diff.std()) / math.sqrt(len(diff))
+        assert abs(float(diff.mean())) <= Z * se, (f"ddpm {loss} learned_range (x{scale:g}): Monte-Carlo minus "
+                                                   f"closed form {float(diff.mean()):.5f} +- {se:.5f}")
+
+
+@pytest.mark.parametrize("loss", ["hybrid", "vlb"])
+def test_ddpm_learned_range_loss_by_value(loss):
+    """L_vlb and L_hybrid = L_simple + 0.001 L_vlb (Improved DDPM sec. 3.1) with the learned-range variance,
+    against the closed form at each example's t (false failure 5.7e-7 each; M = 2.5e5). Measured SE
+    of the mean difference: 5.9e-4 on a mean hybrid loss of 0.242 (its 0.001 T L_vlb part 0.053), so a
+    lambda T L_vlb term 10% off is 8.3 SE and a dropped one 91 SE (test_a_wrong_hybrid_weight_fails);
+    0.047 bits on a mean L_vlb of 53.4 bits, so a 1% weighting error is 8 SE."""
+    ddpm_learned_range_check(loss)
+
+
+def test_a_wrong_hybrid_weight_fails():
+    for scale in (0.9, 1.1, 0.0):  # lambda T L_vlb 10% off, or dropped
+        with pytest.raises(AssertionError, match="closed form"):
+            ddpm_learned_range_check("hybrid", (scale,))
+
+
+@functools.lru_cache(maxsize=None)
+def hybrid_gradients(loss: str, v: float = V_OUT) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(per-example loss, d loss / d mean offset b, d loss / d v) of the learned-range oracle whose eps output
+    is offset by b (zero) and whose variance channels are v, through the objective's training_loss."""
+    options = {**DDPM_OPTIONS, "variance": "learned_range", "loss": loss}
+    _, module, alpha_sigma = oracle_view("ddpm", G1, options)
+    x0, _ = G1.sample(512, torch.Generator().manual_seed(10))
+    base = Oracle(G1).eps_net(alpha_sigma, offset=DELTA)
+    b = torch.zeros(512, D, dtype=torch.float64, requires_grad=True)
+    vv = torch.full((512, D), v, dtype=torch.float64, requires_grad=True)
+    out = module.training_loss(lambda x, t, y=None, **_: torch.cat([base(x, t, y) + b, vv], 1), x0,
+                               generator=torch.Generator().manual_seed(11))
+    gb, gv = torch.autograd.grad(out.loss.sum(), [b, vv])
+    return out.loss.detach(), gb, gv
+
+
+def check_hybrid_gradients(hybrid, simple, vlb, weight: float = 0.001) -> None:
+    """L_hybrid = L_simple + lambda L_vlb by value, per example; its gradient reaches the mean only through
+    L_simple (the stop-gradient of Improved DDPM sec. 3.1) and the variance only through lambda L_vlb."""
+    (lh, gbh, gvh), (ls, gbs, gvs), (lv, gbv, gvv) = hybrid, simple, vlb
+    torch.testing.assert_close(lh, ls + weight * lv, rtol=1e-5, atol=1e-7)
+    assert not gvs.any() and gvv.abs().max() > 0 and gbv.abs().max() > 0
+    torch.testing.assert_close(gbh, gbs, rtol=1e-5, atol=1e-9, msg="mean gradient is not L_simple's alone")
+    torch.testing.assert_close(gvh, weight * gvv, rtol=1e-5, atol=1e-9, msg="variance gradient is not lambda L_vlb's")
+
+
+def test_ddpm_hybrid_loss_stops_the_mean_gradient_of_its_vlb_term():
+    """Same t and noise (same generator) for the three losses: exact identities per example, no Monte Carlo."""
+    check_hybrid_gradients(hybrid_gradients("hybrid"), hybrid_gradients("simple"), hybrid_gradients("vlb"))
+
+
+def test_a_hybrid_without_the_stop_gradient_fails():
+    """The broken variant: L_simple + lambda L_vlb with the mean's gradient flowing through L_vlb."""
+    simple, vlb = hybrid_gradients("simple"), hybrid_gradients("vlb")
+    no_stop = (simple[0] + 0.001 * vlb[0], simple[1] + 0.001 * vlb[1], simple[2] + 0.001 * vlb[2])
+    with pytest.raises(AssertionError, match="mean gradient"):
+        check_hybrid_gradients(no_stop, simple, vlb)
+
+
+def vdm_discrete_expected(module, timesteps: int) -> float:
+    """L_T = T/2 E_i (SNR(s_i) / SNR(t_i) - 1) E||eps - eps^(z_{t_i})||^2 (VDM eq. 13; SNR(s) / SNR(t) =
+    exp(gamma(t) - gamma(s))), i uniform on 1..T: exactly 1/2 sum_i expm1(gamma_i - gamma_{i-1}) error_i."""
+    g = module._schedule(torch.arange(timesteps + 1, dtype=torch.float64) / timesteps, False)[0].detach()
+    err = expected_error(torch.sigmoid(-g).sqrt(), torch.sigmoid(g).sqrt())
+    return 0.5 * float((torch.expm1(g[1:] - g[:-1]) * err[1:]).sum())
+
+
+@pytest.mark.parametrize("schedule", ["fixed_linear", "learned"])
+def test_vdm_discrete_time_loss_by_value(schedule):
+    """The T = 10 step diffusion loss against its exact sum (false failure 5.7e-7). Relative SE 1.1-1.2% at
+    M = 2e4 (measured: 27.46 +- 0.30 vs 27.33 fixed_linear, 30.28 +- 0.36 vs 29.99 learned): the continuous-time weighting gamma_t - gamma_s in place of expm1 (a factor ~2.8 here), a
+    dropped T or the SNR ratio inverted fail (test_a_vdm_discrete_loss_with_the_continuous_weight_fails)."""
+    options = {**VDM_OPTIONS, "schedule": schedule, "timesteps": 10}
+    _, module, _ = oracle_view("vdm", G1, options)
+    check_loss(loss_mc("vdm", options, vdm_term="loss_diff", m=M_VDM_T), vdm_discrete_expected(module, 10),
+               f"vdm T=10 {schedule}")
+
+
+def test_a_vdm_discrete_loss_with_the_continuous_weight_fails(monkeypatch):
+    from pipeline.diffusion import vdm
+
+    right = vdm.vdm_discrete_diffusion_loss
+
+    def continuous_weight(eps_fn, x, g_t, g_s, timesteps, **k):  # T/2 (gamma_t - gamma_s) instead of expm1
+        return right(eps_fn, x, g_t, g_s, timesteps, **k) * (g_t - g_s) / torch.expm1(g_t - g_s)
+
+    monkeypatch.setattr(vdm, "vdm_discrete_diffusion_loss", continuous_weight)
+    options = {**VDM_OPTIONS, "timesteps": 10}
+    _, module, _ = oracle_view("vdm", G1, options)
+    with pytest.raises(AssertionError, match="closed form"):
+        check_loss(loss_mc("vdm", options, vdm_term="loss_diff", m=M_VDM_T), vdm_discrete_expected(module, 10),
+                   "vdm T=10")
+
+
 @pytest.mark.parametrize("schedule", ["fixed_linear", "learned"])
 def test_vdm_diffusion_loss_by_value(schedule):
     """L_inf = 1/2 E_t gamma'(t) E||eps - eps^||^2 = 1/2 int_{gamma_0}^{gamma_1} (error at gamma) d gamma:
@@ -824,6 +1000,8 @@ BIAS: dict[str, dict[str, float]] = {
     've_sde-euler256': {'m00': 0.0283, 'm01': 0.0119, 'm10': -0.0235, 'm11': 0.0118, 'm21': -0.0291, 'S011': -0.0255, 'S201': 0.0153, 'var': -0.0083},
     'ncsn-langevin30': {'w0': -0.0151, 'w1': 0.0067, 'w2': 0.0085, 'S000': 0.0317, 'S011': 0.0242, 'S100': 0.0908, 'S111': 0.0826, 'S200': 0.1163, 'S211': 0.1109, 'var': 0.0627},
     'vdm-ddpm250': {'w0': 0.0035, 'w2': -0.0027, 'm00': 0.0368, 'm01': 0.0108, 'm10': -0.0316, 'm21': -0.0152, 'S000': -0.0295, 'S011': -0.0251, 'S100': -0.0437, 'S111': -0.0396, 'S200': -0.0617, 'S211': -0.0477, 'var': -0.0371},
+    'pc-registry': {'m00': 0.0123, 'S000': 0.0486, 'S011': 0.0433, 'S100': 0.0462, 'S111': 0.0324, 'S200': 0.0478, 'S211': 0.0669, 'var': 0.0462},
+    'pc-registry-ve_sde': {'S011': 0.0173, 'S100': 0.0246, 'S111': 0.0286, 'S200': 0.0275, 'S211': 0.0384, 'var': 0.0213},
     'pc-batch': {'S000': 0.029, 'S011': 0.0161, 'S001': 0.0102, 'S200': 0.0409, 'S211': 0.0376, 'var': 0.024},
 }
 AGREE_BIAS: dict[str, float] = {
@@ -868,6 +1046,11 @@ def measure(n: int, ids: list[str]) -> None:
     if not ids or "pc-batch" in ids:
         t0 = time.time()
         _report("pc-batch", pc_batch_norms(n, 10_000_000), t0)
+    for objective in ("vp_sde", "ve_sde"):
+        name = "pc-registry" if objective == "vp_sde" else f"pc-registry-{objective}"
+        if not ids or name in ids:
+            t0 = time.time()
+            _report(name, pc_registry(n, 10_000_000, objective), t0)
     for pair in pick(PAIRS):
         t0 = time.time()
         _report(pair.id, draw(pair, n, 10_000_000), t0)

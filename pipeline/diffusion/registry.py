@@ -17,6 +17,7 @@ objectives and samplers are written out; config choices and CLI help are generat
 from __future__ import annotations
 
 import difflib
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -60,6 +61,7 @@ __all__ = [
     "sampler_options",
     "sampler_spec",
     "samplers_for",
+    "steps_used",
 ]
 
 
@@ -243,6 +245,7 @@ class SamplerSpec:
     classifier_guidance: bool = False
     inpainting: tuple[type, ...] = ()  # the views it can inpaint (known/mask); () for none
     batch_exact: bool = True  # False: adaptive steps chosen per batch (equal to batch-of-one within tolerance)
+    karras: bool = False  # steps to EDM's Karras levels (snapped to a discrete model's trained levels)
 
 
 def _vdm_channels(o: VDMOptions, in_channels: int) -> int:
@@ -398,14 +401,16 @@ def run_ddim(view, x, seeds, y, steps, o, guide):
 
 
 def run_pc(view: SDEView, x, seeds, y, steps, o, guide):
-    """Predictor-corrector (Song et al. 2021, Algorithm 1); per-example corrector norms keep samples
-    independent of their batch. Differs from score_sde's batch-averaged norms on purpose; in very low
-    dimension a near-zero score norm then makes a sample's Langevin step explode (the 2-D oracle
-    over-disperses 5-7x; tests/test_oracle_front_door.py keeps it as a strict xfail), which image
-    dimensions average away."""
+    """Predictor-corrector (Song et al. 2021, Algorithm 1). The Langevin corrector's step is
+    2 alpha_i (snr sigma_t)^2, the snr rule with the norms of pure noise at the current level
+    (``snr_norm='noise_level'``): batch-independent and stable in any dimension. Differs from
+    score_sde on purpose: its batch-mean norms make a sample depend on its batch, and each
+    example's own norms (Algorithm 4 literally) let a near-zero score explode the step in low
+    dimension (the 2-D oracle over-dispersed ~5x); equal to score_sde's step for images at high
+    noise, smaller at low noise (see ``sde.langevin_corrector``)."""
     return pc_sample(view.score_fn(y), view.sde, x * float(view.sde.prior_std), steps=steps, predictor=o.predictor,
                      snr=o.snr, corrector_steps=max(o.corrector_steps, 1),
-                     corrector="langevin" if o.corrector_steps else None, snr_norm="example", eps=view.t_eps,
+                     corrector="langevin" if o.corrector_steps else None, snr_norm="noise_level", eps=view.t_eps,
                      seeds=seeds, known=guide.known, mask=guide.mask)
 
 
@@ -424,21 +429,44 @@ def run_heun(view, x, seeds, y, steps, o, guide):
     return _run_ode(view, x, seeds, y, steps, o, guide, "heun")
 
 
+def _karras(view: SigmaView, steps: int, sampler: str) -> Tensor:
+    """The view's Karras levels; a warning when snapping them to a discrete model's trained levels merged
+    some (EDM's round_sigma: e.g. 40 asked of a 1000-step cosine schedule give 22 distinct steps)."""
+    sigmas = view.karras(steps)
+    if len(sigmas) - 1 < steps:
+        warnings.warn(f"sampler {sampler!r}: {steps} Karras levels snapped to the model's trained noise levels "
+                      f"give {len(sigmas) - 1} distinct steps (duplicates dropped); metrics.json and samples.json "
+                      "record them as steps_used", stacklevel=4)
+    return sigmas
+
+
+def steps_used(objective: str, options: Any, sampler: str, steps: int) -> int:
+    """How many steps ``sample(..., sampler, steps=steps)`` takes on a model of ``objective``: fewer than
+    ``steps`` where Karras levels snapped to a discrete schedule's trained levels coincide."""
+    spec = objective_spec(objective)
+    if not (sampler_spec(sampler).karras and spec.view_type is not None and issubclass(spec.view_type, DiscreteView)):
+        return int(steps)
+    typed = options if isinstance(options, spec.options) else objective_options(objective, None, options)
+    with torch.random.fork_rng(devices=[]):  # an encoder's initialisation must not move the global stream
+        view = make_view(objective, None, build_objective(objective, typed), typed)
+    return len(view.karras(steps)) - 1
+
+
 def run_edm(view: SigmaView, x, seeds, y, steps, o, guide):
     """EDM's Heun sampler (Karras et al. 2022, Algorithm 1) on Karras levels."""
-    sigmas = view.karras(steps)
+    sigmas = _karras(view, steps, "edm")
     return edm_heun_sample(view.denoiser(y), x * float(sigmas[0]), sigmas, seeds=seeds)
 
 
 def run_dpm_solver(view: SigmaView, x, seeds, y, steps, o, guide):
     """DPM-Solver++(2M) (Lu et al. 2022) on Karras levels."""
-    sigmas = view.karras(steps)
+    sigmas = _karras(view, steps, "dpm_solver")
     return dpm_solver_pp_2m_sample(view.denoiser(y), x * float(sigmas[0]), sigmas)
 
 
 def run_euler(view: SigmaView, x, seeds, y, steps, o, guide):
     """EDM's Euler sampler (Karras et al. 2022, Algorithm 1 without the 2nd-order step) on Karras levels."""
-    sigmas = view.karras(steps)
+    sigmas = _karras(view, steps, "euler")
     return euler_sample(view.denoiser(y), x * float(sigmas[0]), sigmas)
 
 
@@ -461,9 +489,11 @@ SAMPLERS: dict[str, SamplerSpec] = {
         SamplerSpec("ode", "probability-flow ODE, adaptive dopri5", ODEOptions, run_ode, (SDEView,),
                     batch_exact=False),
         SamplerSpec("heun", "probability-flow ODE, fixed-step Heun", NoOptions, run_heun, (SDEView,)),
-        SamplerSpec("edm", "EDM Heun (2nd order) on Karras levels", NoOptions, run_edm, (SigmaView,)),
-        SamplerSpec("dpm_solver", "DPM-Solver++(2M) on Karras levels", NoOptions, run_dpm_solver, (SigmaView,)),
-        SamplerSpec("euler", "EDM Euler (1st order) on Karras levels", NoOptions, run_euler, (SigmaView,)),
+        SamplerSpec("edm", "EDM Heun (2nd order) on Karras levels", NoOptions, run_edm, (SigmaView,), karras=True),
+        SamplerSpec("dpm_solver", "DPM-Solver++(2M) on Karras levels", NoOptions, run_dpm_solver, (SigmaView,),
+                    karras=True),
+        SamplerSpec("euler", "EDM Euler (1st order) on Karras levels", NoOptions, run_euler, (SigmaView,),
+                    karras=True),
         SamplerSpec("langevin", "annealed Langevin dynamics (NCSN)", LangevinOptions, run_langevin, (NCSNView,),
                     inpainting=(NCSNView,)),
     )

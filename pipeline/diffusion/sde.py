@@ -355,22 +355,34 @@ def langevin_corrector(
 ):
     """One Langevin MCMC step with step size 2 alpha_i (r ||z|| / ||s||)^2 (Algorithms 4-5). Returns (x, mean).
 
-    ``norm`` 'batch' averages the norms over the batch (as the reference implementation does;
-    needed in low dimension, where a single example's ||s|| can vanish near a mode), 'example'
-    uses each example's own norms (Algorithm 4 literally; fine for images, batch-independent).
+    ``norm`` says whose norms enter the step:
+    'batch': the batch means of the per-example norms (score_sde's reference code); a sample then
+    depends on its batch.
+    'example': each example's own norms (Algorithm 4 literally). Batch-independent and close to
+    'batch' for images, but in low dimension ||s|| of one example can vanish near a mode and its
+    step explode (the 2-D Gaussian-mixture oracle over-disperses ~5x in variance).
+    'noise_level': the norms that pure noise at the current level has, ||z||^2 = D and
+    ||s||^2 = D / sigma_t^2 (the score of N(alpha x0, sigma_t^2 I)), so the step is
+    2 alpha_i (r sigma_t)^2 for every example: batch-independent and stable in any dimension
+    (grad^2 log p_t >= -I / sigma_t^2, so the step is far below the 2 sigma_t^2 Langevin limit).
+    Equal to 'batch' for images at high noise; at low noise 'batch' steps are larger, by
+    D / E||E[z | x_t]||^2 (how much of the noise the denoiser can still tell apart).
     ``free`` (boolean, like x): only these coordinates move and enter the norms (inpainting).
     """
-    if norm not in ("batch", "example"):
-        raise ValueError(f"norm: {norm!r} is not allowed; expected 'batch' or 'example'")
+    if norm not in ("batch", "example", "noise_level"):
+        raise ValueError(f"norm: {norm!r} is not allowed; expected 'batch', 'example' or 'noise_level'")
     alpha = sde.corrector_alpha(t, dt)
     grad, z = score_fn(x, t), noise
     if free is not None:
         grad, z = grad * free, z * free
-    grad_norm = grad.reshape(x.shape[0], -1).norm(dim=-1)
-    z_norm = z.reshape(x.shape[0], -1).norm(dim=-1)
-    if norm == "batch":
-        grad_norm, z_norm = grad_norm.mean().expand_as(grad_norm), z_norm.mean().expand_as(z_norm)
-    step = append_dims(2 * alpha * (snr * z_norm / grad_norm.clamp_min(1e-20)) ** 2, x.ndim)
+    if norm == "noise_level":
+        step = append_dims(2 * alpha * (snr * sde.marginal(t)[1]) ** 2, x.ndim)
+    else:
+        grad_norm = grad.reshape(x.shape[0], -1).norm(dim=-1)
+        z_norm = z.reshape(x.shape[0], -1).norm(dim=-1)
+        if norm == "batch":
+            grad_norm, z_norm = grad_norm.mean().expand_as(grad_norm), z_norm.mean().expand_as(z_norm)
+        step = append_dims(2 * alpha * (snr * z_norm / grad_norm.clamp_min(1e-20)) ** 2, x.ndim)
     x_mean = x + step * grad
     return x_mean + torch.sqrt(2 * step) * z, x_mean
 
@@ -418,7 +430,8 @@ def pc_sample(
     forward sample at the current time, and by the data itself at the end; the corrector then
     moves (and measures norms over) the unknown coordinates only.
     With ``denoise`` the last predictor step returns its noise-free mean. Noise: per-sample
-    ``seeds`` (with ``snr_norm='example'`` a sample is then independent of its batch) or ``generator``.
+    ``seeds`` (with ``snr_norm`` 'example' or 'noise_level' a sample is then independent of its batch) or
+    ``generator``. ``snr_norm``: see :func:`langevin_corrector`.
     """
     if predictor is not None and predictor not in _PREDICTORS:
         raise ValueError(f"predictor: {predictor!r} is not allowed; expected one of {sorted(_PREDICTORS)} or None")
