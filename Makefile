@@ -28,8 +28,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) launch/demo.py
 
+# Two pytest workers (pytest-xdist): most tests wait on Ray, S3 or subprocesses, and every fixture
+# (SeaweedFS, Ray, ports) is per worker, so two share the 2-core CI machine well.
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 tests
 
 lint: $(STAMP)
 	$(PY) -m ruff check --select F pipeline evaluation launch tests benchmarks
