@@ -95,6 +95,18 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
     return _Trainer(cfg).run()
 
 
+def _continue_warmup(engine, images_seen: int, gbatch: int, warmup_images: int) -> None:
+    """After an elastic resume: the LR schedule at the step of the new global batch ``gbatch`` that
+    has seen ``images_seen`` images (the warm-up is fixed in images, its step count is not)."""
+    sched = engine.lr_scheduler
+    lam = sched.lr_lambdas[0] if sched is not None and getattr(sched, "lr_lambdas", None) else None
+    if lam is None or not hasattr(lam, "warmup_steps"):
+        return
+    lam.warmup_steps = math.ceil(warmup_images / gbatch)
+    sched.last_epoch = images_seen // gbatch - 1
+    sched.step()  # sets every param group's lr to base_lr * factor(images_seen // gbatch)
+
+
 def _crossed(now: int, before: int, every: int) -> bool:
     """Whether a multiple of ``every`` images lies in (before, now]."""
     return now // every > before // every
@@ -157,7 +169,18 @@ class _Trainer:
             log.warning("resuming %s with a changed configuration (config hash differs)", ckpt.rel)
         state = load_checkpoint(self.engine, cfg.train.run_dir, ckpt, self.ema, posthoc=self.phema)
         self.images_seen, self.step = state["images_seen"], state["step"]
-        self.reader.load_state_dict(state["rank_state"]["data"])
+        if state["resharded"]:
+            # Elastic resume: the rest of the epoch in progress re-split over this run's ranks; the
+            # per-rank dropout stream re-keyed on (run seed, rank, images seen); the LR warm-up
+            # continued in images seen at the new global batch.
+            self.reader.load_resplit([s["data"] for s in state["rank_states"]])
+            torch.manual_seed(stream_seed(cfg.train.seed, self.rank, self.images_seen, -1))
+            _continue_warmup(self.engine, self.images_seen, self.gbatch, cfg.train.warmup_images)
+            if self.main:
+                print(f"re-partitioned checkpoint {ckpt.rel} of {state['world_size']} workers over "
+                      f"{dist.world_size()}", flush=True)
+        else:
+            self.reader.load_state_dict(state["rank_state"]["data"])
         shared = state["shared_state"]
         self.skipped_total = int(shared.get("skipped_steps", 0))
         self.overflow_total = int(shared.get("overflow_steps", 0))
