@@ -314,6 +314,7 @@ def save_checkpoint(engine, run_url: str, *, images_seen: int, step: int, ema: E
             "config_hash": config_hash,
             "model_hash": model_hash,
             "deepspeed_tag": DS_TAG,
+            "zero_stage": int(engine.zero_optimization_stage()),
             "loss_scale": _loss_scale(engine),
             "ema": {"rates": list(ema.rates), "num_updates": ema.num_updates,
                     "files": [r["ema_file"] for r in everyone]},
