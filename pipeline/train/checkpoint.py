@@ -7,6 +7,9 @@ files: a folder without one is not a checkpoint. It records images seen, step, e
 cursor and RNG states, the EMA layout, the loss scale, the importance-sampler history, the config
 hash and the sha256 and size of every file.
 
+A checkpoint resumes with another number of workers too: :func:`load_checkpoint` then re-splits
+DeepSpeed's partitions (:mod:`pipeline.train.elastic`) and the EMA slices over the new ranks.
+
 Reading EMA weights (:func:`load_ema_weights`) needs neither DeepSpeed nor Ray nor pickle.
 """
 
