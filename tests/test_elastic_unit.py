@@ -184,3 +184,22 @@ def test_non_finite_streak_rolls_back_and_skips_the_data_stretch(tmp_path):
     assert all(math.isfinite(last[n]) for n in range(40, 129, 8))
     # samples read: 64 to the NaN checkpoint, 16 in the 4 bad steps (skipped), 96 from 32 to 128 images
     assert ckpts[128].manifest["ranks"][0]["state"]["data"]["workers"][0]["yielded"] == 64 + 16 + 96
+
+
+def test_fp16_loss_scaler_state_round_trips_through_a_checkpoint_file(tmp_path):
+    """DeepSpeed's dynamic loss scaler, as it lies in a ZeRO optimizer file, comes back from our
+    weights-only loader with every field (scale, iteration, last overflow, hysteresis, window)."""
+    import torch
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+
+    from pipeline.train.elastic import read_rank_files
+
+    scaler = DynamicLossScaler(init_scale=2.0**16, scale_window=4, min_scale=1, delayed_shift=2,
+                               consecutive_hysteresis=False)
+    scaler.cur_scale, scaler.cur_iter, scaler.last_overflow_iter, scaler.cur_hysteresis = 2.0**13, 37, 30, 1
+    sd = {"loss_scaler": scaler, "dynamic_loss_scale": True, "overflow": False, "clip_grad": 1.0, "zero_stage": 2}
+    torch.save({"optimizer_state_dict": sd}, tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    torch.save({"param_shapes": []}, tmp_path / "mp_rank_00_model_states.pt")
+    _, (back,) = read_rank_files(str(tmp_path))
+    assert isinstance(back["loss_scaler"], DynamicLossScaler) and back["dynamic_loss_scale"] is True
+    assert vars(back["loss_scaler"]) == vars(scaler)
