@@ -56,7 +56,7 @@ def _rank(rank: int, world: int, mode: str, run: str, port: int) -> None:
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
     from pipeline.config import load_config
     from pipeline.models import build_model_from_config
-    from pipeline.train.checkpoint import resolve_checkpoint, load_checkpoint, save_checkpoint
+    from pipeline.train.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
     from pipeline.train.ema import EMA
     from pipeline.train.engine import build_engine
     from pipeline.train.objective import TrainModule

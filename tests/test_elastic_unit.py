@@ -126,7 +126,6 @@ def test_zero_partitions_adam_state_and_ema_are_re_split_bitwise(tmp_path):
     weights, Adam's moments and step, both EMAs, the loss scale), gathered, equals bitwise what
     the 2 ranks held when they saved it; a training step then runs at the new size."""
     import torch
-
     from elastic_ranks import STAGES
 
     _spawn("save", 2, tmp_path)
@@ -156,9 +155,8 @@ def test_non_finite_streak_rolls_back_and_skips_the_data_stretch(tmp_path):
     and finishes, with the data read during the streak skipped, not replayed."""
     import math
 
-    from test_train_unit import TINY, _ok, _train_subprocess
-
     import torch
+    from test_train_unit import TINY, _ok, _train_subprocess
 
     from pipeline.train.checkpoint import committed_checkpoints
 

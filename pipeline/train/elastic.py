@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["MOMENTS", "full_optimizer_state", "load_resharded", "read_rank_files", "rank_slice"]
+__all__ = ["MOMENTS", "full_optimizer_state", "load_resharded", "rank_slice", "read_rank_files"]
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 _OPTIM = re.compile(r"zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
@@ -98,7 +98,8 @@ def full_optimizer_state(param_shapes: list[dict[str, Any]], rank_sds: list[dict
             for key in MOMENTS:  # moments keep the last partition's padding: cut to the fp32 length
                 flat[key] = torch.cat([s[g][key][:sd["single_partition_of_fp32_groups"][g].numel()].float()
                                        for s, sd in zip(states, rank_sds)])
-            pads = (rank_sds[0].get("param_alignment_paddings") or [[]])[g] if "param_alignment_paddings" in rank_sds[0] else []
+            # zeros DeepSpeed may insert after a parameter to align the next one (zero_to_fp32 skips them too)
+            pads = (rank_sds[0].get("param_alignment_paddings") or [[]] * len(param_shapes))[g]
             offset = 0
             for i, (name, shape) in enumerate(shapes.items()):
                 shape = tuple(shape)
