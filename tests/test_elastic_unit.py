@@ -145,45 +145,6 @@ def test_zero_partitions_adam_state_and_ema_are_re_split_bitwise(tmp_path):
                 assert torch.equal(t, after["ema"][rate][name]), (stage, rate, name)
 
 
-# ---------------------------------------------------------------------------------------------
-# Non-finite loss: roll back to the last good checkpoint and skip the offending data
-
-
-def test_non_finite_streak_rolls_back_and_skips_the_data_stretch(tmp_path):
-    """ZeRO-0, one process: checkpoint 64 holds NaN weights, so the run resumed from it has a
-    streak of non-finite steps; it rolls back to checkpoint 32 (the newest from before the streak)
-    and finishes, with the data read during the streak skipped, not replayed."""
-    import math
-
-    import torch
-    from test_train_unit import TINY, _ok, _train_subprocess
-
-    from pipeline.train.checkpoint import committed_checkpoints
-
-    data = tmp_path / "data"
-    prepare_dataset("builtin:shapes10", str(data), shard_size=64, num_samples=256, workers=0, progress=False)
-    run = tmp_path / "run"
-    base = [*TINY, f"data.url={data}", f"train.run_dir={run}", "train.zero_stage=0", "train.micro_batch=4",
-            "train.checkpoint_every_images=32", "train.max_consecutive_nonfinite=3"]
-    _ok(_train_subprocess([*base, "train.total_images=64"]))
-    path = run / "checkpoints/000000000064/state/mp_rank_00_model_states.pt"
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    for v in state["module"].values():
-        v.fill_(float("nan"))
-    torch.save(state, path)
-    # resume=64 names the checkpoint without a checksum check; the rollback target must pass it
-    out = _ok(_train_subprocess([*base, "train.total_images=128", "train.resume=64"]))
-    assert "rolled back to" in out and "checkpoints/000000000032 after 4 non-finite steps" in out
-    ckpts = {c.images_seen: c for c in committed_checkpoints(str(run))}
-    assert 128 in ckpts and ckpts[128].manifest["shared"]["nonfinite_rollbacks"] == 1
-    records = [json.loads(x) for x in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
-    assert any(r["loss"] is None for r in records)  # the streak was logged
-    last = {r["images_seen"]: r["loss"] for r in records}  # a step re-run after the rollback logs again
-    assert all(math.isfinite(last[n]) for n in range(40, 129, 8))
-    # samples read: 64 to the NaN checkpoint, 16 in the 4 bad steps (skipped), 96 from 32 to 128 images
-    assert ckpts[128].manifest["ranks"][0]["state"]["data"]["workers"][0]["yielded"] == 64 + 16 + 96
-
-
 def test_fp16_loss_scaler_state_round_trips_through_a_checkpoint_file(tmp_path):
     """DeepSpeed's dynamic loss scaler, as it lies in a ZeRO optimizer file, comes back from our
     weights-only loader with every field (scale, iteration, last overflow, hysteresis, window)."""
