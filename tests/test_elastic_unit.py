@@ -55,7 +55,8 @@ def _by_epoch(reader: ShardReader, last: int) -> dict[int, list[str]]:
     raise AssertionError("unreachable: the reader is endless")
 
 
-@pytest.mark.parametrize("old,new", [((2, 1), (1, 1)), ((1, 1), (3, 1)), ((2, 2), (3, 1)), ((1, 2), (2, 2))])
+@pytest.mark.parametrize("old,new", [((2, 1), (1, 1)), ((1, 1), (3, 1)), ((2, 2), (3, 1)), ((1, 2), (2, 2)),
+                                     ((2, 1), (2, 2))])
 def test_resplit_reads_each_sample_of_the_interrupted_epochs_exactly_once(dataset, old, new):
     """W ranks x L loader workers read some samples, W' x L' continue: over the epochs in
     progress every key is read exactly once (a second change of world size, while the first

@@ -360,7 +360,7 @@ def load_checkpoint(engine, run_url: str, ckpt: Checkpoint, ema: EMA,
     "images_seen", "step", "resharded": False, ...}``.
 
     A checkpoint written by another number of workers is re-partitioned (:mod:`pipeline.train.elastic`):
-    then ``resharded`` is True, ``rank_states`` holds every old rank's state instead of ``rank_state``,
+    then ``resharded`` is True, there is no ``rank_state`` (``rank_states`` holds every old rank's),
     and the RNG states are left to the caller (they were per old rank)."""
     run = RunDir(run_url)
     manifest = ckpt.manifest
@@ -398,12 +398,11 @@ def load_checkpoint(engine, run_url: str, ckpt: Checkpoint, ema: EMA,
         ema.load_local_state(st_load(run.read_bytes(ema_rel)), manifest["ema"]["num_updates"])
     if posthoc is not None:
         _load_posthoc(run, ckpt, posthoc, rank, resharded)
+    # Every rank's state too: with another rank layout the reader re-splits the data position.
     out = {"shared_state": from_jsonable(manifest["shared"]), "images_seen": manifest["images_seen"],
-           "step": manifest["step"], "resharded": resharded, "world_size": manifest["world_size"]}
-    if resharded:
-        # Another rank layout: every old rank's state (the reader re-splits the data position); the
-        # RNG streams are re-keyed by the caller on (run seed, rank, images seen).
-        out["rank_states"] = [from_jsonable(r["state"]) for r in manifest["ranks"]]
+           "step": manifest["step"], "resharded": resharded, "world_size": manifest["world_size"],
+           "rank_states": [from_jsonable(r["state"]) for r in manifest["ranks"]]}
+    if resharded:  # the RNG streams were per old rank: the caller re-keys them on (run seed, rank, images seen)
         return out
     mine = manifest["ranks"][rank]
     restore_rng(from_jsonable(mine["rng"]))

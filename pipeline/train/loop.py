@@ -190,6 +190,9 @@ class _Trainer:
             if self.main:
                 print(f"re-partitioned checkpoint {ckpt.rel} of {state['world_size']} workers over "
                       f"{dist.world_size()}", flush=True)
+        elif state["rank_state"]["data"].get("loader_workers") != self.reader.num_workers:
+            # Same ranks, another data.loader_workers: the epoch in progress is re-split the same way.
+            self.reader.load_resplit([s["data"] for s in state["rank_states"]])
         else:
             self.reader.load_state_dict(state["rank_state"]["data"])
         shared = state["shared_state"]
