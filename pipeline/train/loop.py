@@ -302,6 +302,8 @@ class _Trainer:
         state = load_checkpoint(self.engine, tc.run_dir, ckpt, self.ema, posthoc=self.phema)
         skipped_to = self.images_seen
         self.images_seen, self.step = state["images_seen"], state["step"]
+        if state["resharded"]:  # a checkpoint from before an elastic resume
+            _continue_warmup(self.engine, self.images_seen, self.gbatch, tc.warmup_images)
         self.rollbacks += 1
         self.consecutive_bad = 0
         self.last_ckpt = self.images_seen
