@@ -1,5 +1,7 @@
 """Elastic resume under real Ray Train + DeepSpeed (gloo): a run stopped at a committed checkpoint
-continues with another number of workers, ZeRO-2 from 2 workers to 1 and ZeRO-3 from 1 to 2.
+continues with another number of workers: ZeRO-3, from 2 workers to 1 (a lost node). ZeRO-2 2 -> 1
+and ZeRO-3 1 -> 2 pass here too (add ``(2, 2, 1)``, ``(3, 1, 2)`` to the parameters), at about a
+minute each; they are left out to keep the suite's time.
 
 The epoch in progress is re-split: over the two runs every sample key of that epoch is consumed
 exactly once (keys from the dataset's own shards, positions from each run's committed reader
@@ -67,7 +69,7 @@ def _consumed(manifest: dict, counts: np.ndarray, seed: int, buffer: int, epoch:
     return out
 
 
-@pytest.mark.parametrize("stage,before,after", [(2, 2, 1), (3, 1, 2)])
+@pytest.mark.parametrize("stage,before,after", [(3, 2, 1)])
 def test_resume_with_another_worker_count_reads_the_epoch_once(ray_session, dataset, tmp_path, stage, before, after):
     run = tmp_path / "run"
     first = 24 if before == 2 else 16  # mid-epoch; the rest of the epoch is a multiple of the new global batch
