@@ -194,6 +194,9 @@ class TrainConfig(_Section):
     log_every_images: int = Field(1_000, ge=1)
     sample_every_images: int = Field(0, ge=0)
     max_consecutive_nonfinite: int = Field(10, ge=1)
+    # After that many non-finite steps in a row: roll back to the newest committed checkpoint from
+    # before the streak began and go on with the data after it, at most this many times per run.
+    max_nonfinite_rollbacks: int = Field(2, ge=0)
     max_failures: int = Field(0, ge=0)
     # After SIGTERM/SIGINT to the driver: seconds the workers have to commit a checkpoint at the next
     # step boundary before the driver stops at once (see pipeline/train/preemption.py).

@@ -123,15 +123,22 @@ def test_checkpoint_that_cannot_be_resumed(dataset, tmp_path):
     preflight(load_config(None, [*args, "model.overrides.base_channels=16"]))  # allowed: the same model
 
 
-def test_resume_names_a_missing_checkpoint_and_other_worker_count(dataset, tmp_path):
+def test_resume_names_a_missing_checkpoint_and_allows_another_worker_count(dataset, tmp_path):
     run = tmp_path / "run"
     args = _base(dataset, run)
-    _commit_fake_checkpoint(run, 16, model_hash=model_hash(load_config(None, args)), world_size=2)
+    cfg = load_config(None, args)
+    data = {"seed": cfg.data.seed, "shuffle_buffer": cfg.data.shuffle_buffer}
+    _commit_fake_checkpoint(run, 16, model_hash=model_hash(cfg), world_size=2, zero_stage=cfg.train.zero_stage,
+                            ranks=[{"rank": 0, "state": {"data": data}}])
     with pytest.raises(PreflightError, match=r"train.resume: 99 .*committed: \[16\]"):
         preflight(load_config(None, [*args, "train.resume=99"]))
-    with pytest.raises(PreflightError, match=r"train.num_workers: 1 .*written by 2 workers.*num_workers=2"):
-        preflight(load_config(None, [*args, "train.num_workers=1"]))
+    preflight(load_config(None, [*args, "train.num_workers=1"]))  # elastic resume: another worker count
     preflight(load_config(None, [*args, "train.resume=16"]))
+    other = 3 if cfg.train.zero_stage != 3 else 2
+    with pytest.raises(PreflightError, match=rf"train.zero_stage: {other} .*ZeRO stage {cfg.train.zero_stage}"):
+        preflight(load_config(None, [*args, f"train.zero_stage={other}"]))
+    with pytest.raises(PreflightError, match=rf"data.seed: {cfg.data.seed + 1} .*read {cfg.data.seed}"):
+        preflight(load_config(None, [*args, f"data.seed={cfg.data.seed + 1}"]))
 
 
 def test_data_checks_from_the_manifest(dataset, tmp_path):

@@ -321,12 +321,41 @@ def test_non_finite_losses_stop_the_run_and_keep_the_last_good_checkpoint(refere
     proc = _train_subprocess([*TINY, f"data.url={dataset}", f"train.run_dir={run}", "train.zero_stage=0",
                               "train.grad_accum=1", "train.micro_batch=4", "train.total_images=200",
                               "train.checkpoint_every_images=400", "train.max_consecutive_nonfinite=3",
-                              "train.resume=64"])
+                              "train.resume=64", "train.max_nonfinite_rollbacks=0"])
     assert proc.returncode != 0
     assert "4 consecutive optimizer steps had a non-finite loss" in proc.stderr
     assert [c.images_seen for c in committed_checkpoints(str(run))] == [32, 64]  # nothing new committed
     records = [json.loads(x) for x in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["skipped_steps"] >= 1
+
+
+def test_non_finite_streak_rolls_back_and_skips_the_data_stretch(reference_run, dataset, tmp_path):
+    """Checkpoint 64 holds NaN weights, so the run resumed from it has a streak of non-finite steps;
+    it rolls back to checkpoint 32 (the newest from before the streak) and finishes, with the data
+    read during the streak skipped, not replayed."""
+    import math
+
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)
+    path = run / "checkpoints/000000000064/state/mp_rank_00_model_states.pt"
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    for v in state["module"].values():
+        v.fill_(float("nan"))
+    torch.save(state, path)
+    # train.resume=64 names the checkpoint without a checksum check; the rollback target must pass it.
+    out = _ok(_train_subprocess([*TINY, f"data.url={dataset}", f"train.run_dir={run}", "train.zero_stage=0",
+                                 "train.grad_accum=1", "train.micro_batch=4", "train.total_images=96",
+                                 "train.checkpoint_every_images=400", "train.max_consecutive_nonfinite=3",
+                                 "train.resume=64"]))
+    assert "checkpoints/000000000032 after 4 non-finite steps" in out
+    ckpts = {c.images_seen: c for c in committed_checkpoints(str(run))}
+    assert 96 in ckpts and ckpts[96].manifest["shared"]["nonfinite_rollbacks"] == 1
+    records = [json.loads(x) for x in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert any(r["loss"] is None for r in records)  # the streak was logged
+    last = {r["images_seen"]: r["loss"] for r in records}  # a step re-run after the rollback logs again
+    assert all(math.isfinite(last[n]) for n in range(40, 97, 8))
+    # samples read: 64 up to checkpoint 64, 16 in the 4 bad steps (skipped), 64 from 32 to 96 images
+    assert ckpts[96].manifest["ranks"][0]["state"]["data"]["workers"][0]["yielded"] == 64 + 16 + 64
 
 
 def test_bad_resume_request_is_a_clear_error(reference_run):

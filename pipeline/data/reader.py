@@ -18,6 +18,13 @@ position, the reader keeps the last one it handed out, and a resumed reader re-r
 shards still holding samples of the shuffle buffer. With DataLoader workers, batches come round-
 robin from the workers; the resumed loader is rotated so the same worker comes next.
 
+Another world size (elastic resume, :meth:`ShardReader.load_resplit`): the samples the old
+readers consumed in the epochs in progress are known from their positions, so the rest of each
+such epoch (a "carry": sorted ranges of global sample ids, shard-major in manifest order) is cut
+into ``world_size x loader_workers`` contiguous chunks, one per new reader, each streamed with its
+own shuffle buffer; later epochs follow the plan above at the new world size. Within the epochs in
+progress no sample is lost and none is read twice.
+
 Bad samples (undecodable image, no image member, missing/invalid ``cls`` when labels are
 required, samples lost to a truncated tar) are skipped, logged and counted; past
 ``max_corrupt_fraction`` of the samples seen (at least one epoch's worth of samples is the
@@ -27,8 +34,10 @@ manifest's sha256 raises :class:`~pipeline.data.shards.ShardIntegrityError`.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -40,10 +49,13 @@ from pipeline.data.shards import Manifest, ShardIntegrityError, ShardRead, iter_
 
 __all__ = [
     "CorruptDataError",
+    "EpochPlan",
     "ShardReader",
     "buffer_shuffle_order",
+    "epoch_plan",
     "epoch_shard_permutation",
     "iter_dataset",
+    "resplit_carry",
     "worker_shards",
 ]
 
@@ -53,6 +65,7 @@ STATE_VERSION = 1
 _SKIP_REASONS = ("missing_sample", "no_image", "bad_image", "missing_label", "bad_label")
 _SALT_SHARDS = 0x5348  # "SH": RNG stream of the shard permutation
 _SALT_SAMPLES = 0x534D  # "SM": RNG stream of the buffer shuffle and flips
+_SALT_CARRY = 0x4352  # "CR": RNG stream of a re-split epoch's buffer shuffle and flips
 
 
 class CorruptDataError(RuntimeError):
@@ -92,6 +105,103 @@ def buffer_shuffle_order(n: int, buffer_size: int, uniforms: np.ndarray) -> np.n
     return order
 
 
+@dataclass(frozen=True)
+class EpochPlan:
+    """What one reader (rank, loader worker) reads in one epoch: ``shards`` in reading order, of
+    each the sample indices it takes (``members``, ascending), the emission ``order`` (read indices)
+    and one flip per emission."""
+
+    shards: list[int]
+    members: list[np.ndarray]
+    order: np.ndarray
+    flips: np.ndarray
+
+    def read_ids(self, shard_starts: np.ndarray) -> np.ndarray:
+        """Global sample id (``shard_starts[shard] + index``) of every read, in reading order."""
+        if not self.shards:
+            return np.zeros(0, dtype=np.int64)
+        return np.concatenate([shard_starts[s] + m for s, m in zip(self.shards, self.members)]).astype(np.int64)
+
+
+def _shard_starts(counts: np.ndarray) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+
+def _expand(ranges: list[list[int]]) -> np.ndarray:
+    if not ranges:
+        return np.zeros(0, dtype=np.int64)
+    return np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in ranges])
+
+
+def _ranges(ids: np.ndarray) -> list[list[int]]:
+    """Sorted unique ids as [start, stop) ranges."""
+    if ids.size == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(ids) != 1) + 1
+    starts, stops = ids[np.r_[0, breaks]], ids[np.r_[breaks - 1, ids.size - 1]] + 1
+    return [[int(a), int(b)] for a, b in zip(starts, stops)]
+
+
+def epoch_plan(counts: np.ndarray, seed: int, epoch: int, rank: int, world_size: int, worker: int,
+               num_workers: int, shuffle_buffer: int, carry: dict[str, Any] | None = None) -> EpochPlan:
+    """The plan of reader ``(rank, worker)`` in ``epoch`` over shards of ``counts`` samples.
+
+    Without a carry (or past its last epoch): this reader's shards of the epoch's permutation, whole.
+    In an epoch up to ``carry["last"]``: its contiguous chunk of the epoch's remaining samples.
+    """
+    if carry is not None and epoch <= int(carry["last"]):
+        ids = _expand(carry["epochs"].get(str(epoch), []))
+        readers, j = world_size * num_workers, rank * num_workers + worker
+        chunk = ids[j * ids.size // readers:(j + 1) * ids.size // readers]
+        starts = _shard_starts(counts)
+        owner = np.searchsorted(starts, chunk, side="right") - 1
+        shards = [int(s) for s in np.unique(owner)]  # ascending: the chunk is sorted
+        members = [chunk[owner == s] - starts[s] for s in shards]
+        salt = _SALT_CARRY
+    else:
+        shards = worker_shards(len(counts), seed, epoch, rank, world_size, worker, num_workers)
+        members = [np.arange(int(counts[s]), dtype=np.int64) for s in shards]
+        salt = _SALT_SAMPLES
+    n = int(sum(m.size for m in members))
+    rng = np.random.default_rng([seed & 0xFFFFFFFF, epoch, rank, worker, salt])
+    order = buffer_shuffle_order(n, shuffle_buffer, rng.random(n))
+    flips = rng.random(n) < 0.5
+    return EpochPlan(shards, members, order, flips)
+
+
+def resplit_carry(counts: np.ndarray, seed: int, shuffle_buffer: int, old_world: int, old_workers: int,
+                  positions: list[list[tuple[int, int]]], carry: dict[str, Any] | None) -> tuple[dict[str, Any], int]:
+    """What is left of the epochs in progress after readers of ``old_world`` ranks x ``old_workers``
+    stopped at ``positions[rank][worker] = (epoch, emission index)`` (under their own ``carry``).
+
+    Returns ``(new carry, epoch to start at)``: the new carry holds, per epoch from the oldest in
+    progress to the newest, the ranges of global sample ids that no old reader consumed.
+    """
+    starts = _shard_starts(counts)
+    epochs = [e for row in positions for e, _ in row]
+    first, last = min(epochs), max(epochs)
+    left: dict[str, list[list[int]]] = {}
+    for epoch in range(first, last + 1):
+        if carry is not None and epoch <= int(carry["last"]):
+            pool = _expand(carry["epochs"].get(str(epoch), []))
+        else:
+            pool = np.arange(int(starts[-1]), dtype=np.int64)
+        taken = []
+        for rank, row in enumerate(positions):
+            for worker, (e, position) in enumerate(row):
+                if e < epoch:
+                    continue  # has not started this epoch
+                plan = epoch_plan(counts, seed, epoch, rank, old_world, worker, old_workers, shuffle_buffer, carry)
+                ids = plan.read_ids(starts)
+                taken.append(ids if e > epoch else ids[plan.order[:position]])
+        used = np.concatenate(taken) if taken else np.zeros(0, dtype=np.int64)
+        rest = np.setdiff1d(pool, used)
+        if rest.size:
+            left[str(epoch)] = _ranges(rest)
+    start = min((int(e) for e in left), default=last + 1)
+    return {"last": last, "epochs": left}, start
+
+
 class _Missing:
     def __init__(self, reason: str):
         self.reason = reason
@@ -117,33 +227,34 @@ class _WorkerStream(torch.utils.data.IterableDataset):
             max_corrupt_fraction=reader.max_corrupt_fraction,
             verify_sha256=reader.verify_sha256,
         )
+        self.carry = reader.carry
         self.states = [dict(s, skipped_by_reason=dict(s["skipped_by_reason"])) for s in states]
         self.offset = offset
 
     # -- order --------------------------------------------------------------------------------
-    def _epoch_plan(self, epoch: int, worker: int):
+    def _epoch_plan(self, epoch: int, worker: int) -> EpochPlan:
         o = self.opts
-        shards = worker_shards(len(self.manifest.shards), o["seed"], epoch, o["rank"], o["world_size"], worker, o["num_workers"])
-        counts = np.array([self.manifest.shards[s].samples for s in shards], dtype=np.int64)
-        n = int(counts.sum())
-        rng = np.random.default_rng([o["seed"] & 0xFFFFFFFF, epoch, o["rank"], worker, _SALT_SAMPLES])
-        order = buffer_shuffle_order(n, o["shuffle_buffer"], rng.random(n))
-        flips = rng.random(n) < 0.5
-        return shards, counts, order, flips
+        counts = np.array([sh.samples for sh in self.manifest.shards], dtype=np.int64)
+        return epoch_plan(counts, o["seed"], epoch, o["rank"], o["world_size"], worker, o["num_workers"],
+                          o["shuffle_buffer"], self.carry)
 
     # -- bytes --------------------------------------------------------------------------------
-    def _reads(self, shards: list[int], counts: np.ndarray, first_shard: int) -> Iterator[tuple[int, Any]]:
-        """(read index, sample dict or _Missing) for every sample from shard ``first_shard`` on."""
-        starts = np.concatenate([[0], np.cumsum(counts)])
+    def _reads(self, plan: EpochPlan, first_shard: int) -> Iterator[tuple[int, Any]]:
+        """(read index, sample dict or _Missing) for every sample of the plan from shard ``first_shard`` on."""
+        shards, members = plan.shards, plan.members
+        starts = _shard_starts(np.array([m.size for m in members], dtype=np.int64))
         for j in range(first_shard, len(shards)):
             info = self.manifest.shards[shards[j]]
             url = self.manifest.shard_url(shards[j])
+            wanted = members[j]
             result = ShardRead()
-            got = 0
+            got = ptr = 0
             for sample in iter_shard_samples(url, self.settings, result):
                 if got < info.samples:
-                    sample["__url__"] = url
-                    yield int(starts[j] + got), sample
+                    if ptr < wanted.size and wanted[ptr] == got:
+                        sample["__url__"] = url
+                        yield int(starts[j] + ptr), sample
+                        ptr += 1
                 else:
                     result.extra_samples += 1
                 got += 1
@@ -152,7 +263,7 @@ class _WorkerStream(torch.utils.data.IterableDataset):
             if got < info.samples:
                 reason = f"{url}: only {got} of {info.samples} samples readable" + (f" ({result.error})" if result.error else "")
                 log.warning("%s", reason)
-                for i in range(got, info.samples):
+                for i in range(ptr, wanted.size):
                     yield int(starts[j] + i), _Missing(reason)
             if self.opts["verify_sha256"] and result.sha256 != info.sha256:
                 raise ShardIntegrityError(
@@ -163,15 +274,16 @@ class _WorkerStream(torch.utils.data.IterableDataset):
 
     def _samples(self, epoch: int, position: int, worker: int) -> Iterator[tuple[int, Any, bool, int]]:
         """(emission index, raw sample, flip, samples in epoch) from ``position`` to the epoch's end."""
-        shards, counts, order, flips = self._epoch_plan(epoch, worker)
+        plan = self._epoch_plan(epoch, worker)
+        order, flips = plan.order, plan.flips
         n = len(order)
         if position >= n:
             return
         needed = np.zeros(n, dtype=bool)
         needed[order[position:]] = True
-        starts = np.cumsum(counts)
+        starts = np.cumsum([m.size for m in plan.members])
         first_shard = int(np.searchsorted(starts, int(order[position:].min()), side="right"))
-        reads = self._reads(shards, counts, first_shard)
+        reads = self._reads(plan, first_shard)
         pending: dict[int, Any] = {}
         try:
             for k in range(position, n):
@@ -343,6 +455,7 @@ class ShardReader:
         self.with_keys, self.timeout_s = with_keys, timeout_s
         self._states = [self._fresh_state() for _ in range(self.num_workers)]
         self._consumed = 0
+        self.carry: dict[str, Any] | None = None  # the rest of epochs in progress at a world-size change
 
     @classmethod
     def from_config(cls, data, *, rank: int, world_size: int, batch_size: int, **kwargs) -> ShardReader:
@@ -413,7 +526,14 @@ class ShardReader:
             **self._identity(),
             "consumed_batches": self._consumed,
             "workers": [dict(s, skipped_by_reason=dict(s["skipped_by_reason"])) for s in self._states],
+            "carry": self._live_carry(),
         }
+
+    def _live_carry(self) -> dict[str, Any] | None:
+        """The carry while some worker is still in one of its epochs (dropped once all are past it)."""
+        if self.carry is None or min(s["epoch"] for s in self._states) > int(self.carry["last"]):
+            return None
+        return self.carry
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue exactly where the reader that saved ``state`` stopped."""
@@ -439,6 +559,39 @@ class ShardReader:
             for w in workers
         ]
         self._consumed = int(state["consumed_batches"])
+        self.carry = state.get("carry")
+
+    def load_resplit(self, states: list[dict[str, Any]]) -> None:
+        """Continue from the states of all ranks of a run at another world size (elastic resume).
+
+        ``states[r]`` is old rank r's :meth:`state_dict`. The samples the old readers consumed in the
+        epochs in progress are removed; the rest is split over this run's readers
+        (:func:`resplit_carry`). Dataset, seed and shuffle buffer must be the same.
+        """
+        if not states or not all(isinstance(st, dict) and st.get("version") == STATE_VERSION for st in states):
+            raise ValueError(f"states: not a list of ShardReader states of version {STATE_VERSION}")
+        fixed = {k: v for k, v in self._identity().items() if k not in ("rank", "world_size", "loader_workers")}
+        old_world, old_workers = len(states), int(states[0]["loader_workers"])
+        carries = {json.dumps(st.get("carry"), sort_keys=True) for st in states}
+        for r, st in enumerate(states):
+            for key, value in fixed.items():
+                if st.get(key) != value:
+                    raise ValueError(
+                        f"state: {key} was {st.get(key)!r} when saved but is {value!r} now; resuming at another "
+                        "world size needs the same dataset, seed and shuffle_buffer")
+            if st.get("rank") != r or st.get("world_size") != old_world or int(st["loader_workers"]) != old_workers \
+                    or len(st.get("workers", [])) != old_workers:
+                raise ValueError(f"states: entry {r} is rank {st.get('rank')} of {st.get('world_size')} with "
+                                 f"{st.get('loader_workers')} loader workers; expected rank {r} of {old_world} "
+                                 f"with {old_workers}, as written by one run")
+        if len(carries) != 1:
+            raise ValueError("states: the ranks disagree on the carried-over samples; they are not from one checkpoint")
+        counts = np.array([sh.samples for sh in self.manifest.shards], dtype=np.int64)
+        positions = [[(int(w["epoch"]), int(w["position"])) for w in st["workers"]] for st in states]
+        self.carry, start = resplit_carry(counts, self.seed, self.shuffle_buffer, old_world, old_workers,
+                                          positions, states[0].get("carry"))
+        self._states = [dict(self._fresh_state(), epoch=start) for _ in range(self.num_workers)]
+        self._consumed = 0
 
     # -- counters -----------------------------------------------------------------------------
     @property

@@ -7,6 +7,9 @@ files: a folder without one is not a checkpoint. It records images seen, step, e
 cursor and RNG states, the EMA layout, the loss scale, the importance-sampler history, the config
 hash and the sha256 and size of every file.
 
+A checkpoint resumes with another number of workers too: :func:`load_checkpoint` then re-splits
+DeepSpeed's partitions (:mod:`pipeline.train.elastic`) and the EMA slices over the new ranks.
+
 Reading EMA weights (:func:`load_ema_weights`) needs neither DeepSpeed nor Ray nor pickle.
 """
 
@@ -314,6 +317,7 @@ def save_checkpoint(engine, run_url: str, *, images_seen: int, step: int, ema: E
             "config_hash": config_hash,
             "model_hash": model_hash,
             "deepspeed_tag": DS_TAG,
+            "zero_stage": int(engine.zero_optimization_stage()),
             "loss_scale": _loss_scale(engine),
             "ema": {"rates": list(ema.rates), "num_updates": ema.num_updates,
                     "files": [r["ema_file"] for r in everyone]},
@@ -352,13 +356,18 @@ def _apply_retention(run: RunDir, keep_last: int, keep_every: int) -> None:
 def load_checkpoint(engine, run_url: str, ckpt: Checkpoint, ema: EMA,
                     posthoc: PowerEMA | None = None) -> dict[str, Any]:
     """Collective: restore the engine (weights, optimizer, LR schedule, loss scaler), this rank's
-    EMA slices (and power-function EMAs, ``posthoc``) and RNG states. Returns ``{"rank_state", "shared_state", "images_seen", "step"}``."""
+    EMA slices (and power-function EMAs, ``posthoc``) and RNG states. Returns ``{"rank_state", "shared_state",
+    "images_seen", "step", "resharded": False, ...}``.
+
+    A checkpoint written by another number of workers is re-partitioned (:mod:`pipeline.train.elastic`):
+    then ``resharded`` is True, there is no ``rank_state`` (``rank_states`` holds every old rank's),
+    and the RNG states are left to the caller (they were per old rank)."""
     run = RunDir(run_url)
     manifest = ckpt.manifest
     rank, world = dist.rank(), dist.world_size()
-    if manifest["world_size"] != world:
-        raise ValueError(f"checkpoint {ckpt.rel} was written by {manifest['world_size']} workers; this run has "
-                         f"{world}. Resume with train.num_workers={manifest['world_size']}")
+    # Elastic resume (pipeline/train/elastic.py): written by another number of workers. ZeRO 0's
+    # single file loads at any world size; ZeRO 1-3 partitions are re-split here.
+    resharded = manifest["world_size"] != world
     tmp = None
     if run.is_s3:
         tmp = Path(tempfile.mkdtemp(prefix="ckpt-load-"))
@@ -370,24 +379,54 @@ def load_checkpoint(engine, run_url: str, ckpt: Checkpoint, ema: EMA,
     else:
         load_dir = run.local_path(ckpt.rel)
     try:
-        path, _ = engine.load_checkpoint(str(load_dir), tag=manifest["deepspeed_tag"], load_optimizer_states=True,
-                                         load_lr_scheduler_states=True)
-        if path is None:
-            raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt.rel}")
+        if resharded and engine.zero_optimization_stage() > 0:
+            from pipeline.train.elastic import load_resharded
+
+            load_resharded(engine, str(Path(load_dir) / manifest["deepspeed_tag"]))
+        else:
+            path, _ = engine.load_checkpoint(str(load_dir), tag=manifest["deepspeed_tag"], load_optimizer_states=True,
+                                             load_lr_scheduler_states=True)
+            if path is None:
+                raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt.rel}")
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-    ema_rel = f"{ckpt.rel}/{manifest['ema']['files'][rank]}"
-    ema.load_local_state(st_load(run.read_bytes(ema_rel)), manifest["ema"]["num_updates"])
+    if resharded:
+        ema.load_full_state(_full_slices(run, ckpt, manifest["ema"]["files"]), manifest["ema"]["num_updates"])
+    else:
+        ema_rel = f"{ckpt.rel}/{manifest['ema']['files'][rank]}"
+        ema.load_local_state(st_load(run.read_bytes(ema_rel)), manifest["ema"]["num_updates"])
     if posthoc is not None:
-        _load_posthoc(run, ckpt, posthoc, rank)
+        _load_posthoc(run, ckpt, posthoc, rank, resharded)
+    # Every rank's state too: with another rank layout the reader re-splits the data position.
+    out = {"shared_state": from_jsonable(manifest["shared"]), "images_seen": manifest["images_seen"],
+           "step": manifest["step"], "resharded": resharded, "world_size": manifest["world_size"],
+           "rank_states": [from_jsonable(r["state"]) for r in manifest["ranks"]]}
+    if resharded:  # the RNG streams were per old rank: the caller re-keys them on (run seed, rank, images seen)
+        return out
     mine = manifest["ranks"][rank]
     restore_rng(from_jsonable(mine["rng"]))
-    return {"rank_state": from_jsonable(mine["state"]), "shared_state": from_jsonable(manifest["shared"]),
-            "images_seen": manifest["images_seen"], "step": manifest["step"]}
+    out["rank_state"] = from_jsonable(mine["state"])
+    return out
 
 
-def _load_posthoc(run: RunDir, ckpt: Checkpoint, posthoc: PowerEMA, rank: int) -> None:
+def _full_slices(run: RunDir, ckpt: Checkpoint, files: list[str]) -> dict[float, dict[str, torch.Tensor]]:
+    """Full fp32 tensors of every key (EMA rate, sigma_rel) from all ranks' slice files."""
+    parts = []
+    for fname in files:
+        raw = run.read_bytes(f"{ckpt.rel}/{fname}")
+        parts.append((json.loads(_safetensors_metadata(raw)["slices"]), st_load(raw)))
+    keys = sorted({k.split("/", 1)[0] for k in parts[0][1]})  # "<rate!r>/<parameter name>"
+    out = {}
+    for key in keys:
+        prefix = f"{key}/"
+        out[float(key)] = assemble_full([{"slices": meta, "tensors": {k[len(prefix):]: v for k, v in t.items()
+                                                                     if k.startswith(prefix)}}
+                                         for meta, t in parts])
+    return out
+
+
+def _load_posthoc(run: RunDir, ckpt: Checkpoint, posthoc: PowerEMA, rank: int, resharded: bool = False) -> None:
     held = ckpt.manifest.get("posthoc_ema")
     if not held:
         raise ValueError(f"train.posthoc_ema: checkpoint {ckpt.rel} holds no power-function EMA state (post-hoc EMA "
@@ -396,6 +435,9 @@ def _load_posthoc(run: RunDir, ckpt: Checkpoint, posthoc: PowerEMA, rank: int) -
     if [float(s) for s in held["sigma_rels"]] != list(posthoc.sigma_rels):
         raise ValueError(f"train.posthoc_ema.sigma_rels: {list(posthoc.sigma_rels)} differs from the "
                          f"{held['sigma_rels']} tracked in checkpoint {ckpt.rel}; resume with those")
+    if resharded:
+        posthoc.load_full_state(_full_slices(run, ckpt, held["files"]), held["num_updates"])
+        return
     posthoc.load_local_state(st_load(run.read_bytes(f"{ckpt.rel}/{held['files'][rank]}")), held["num_updates"])
 
 

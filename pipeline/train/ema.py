@@ -99,6 +99,18 @@ class _RankSlices:
                 t.copy_(tensors[key])
         self.num_updates = num_updates
 
+    def load_full_state(self, full: dict[float, dict[str, torch.Tensor]], num_updates: int) -> None:
+        """This rank's slices cut from full weights (one dict per key): an elastic resume, where the
+        checkpoint was written by another number of ranks (:func:`assemble_full` made ``full``)."""
+        for k in self._keys:
+            if k not in full:
+                raise ValueError(f"{self.kind} state: {k!r} is not in the checkpoint; it holds {sorted(full)}")
+            for spec, t in zip(self.specs, self.shadows[k]):
+                if spec.name not in full[k]:
+                    raise ValueError(f"{self.kind} state: parameter {spec.name!r} is not in the checkpoint")
+                t.copy_(full[k][spec.name].reshape(-1)[spec.start:spec.start + spec.length])
+        self.num_updates = num_updates
+
     def gather_full(self, key: float) -> dict[str, torch.Tensor]:
         """Full fp32 weights of one average on every rank (a collective; for periodic sampling)."""
         from pipeline.train import dist

@@ -19,7 +19,14 @@ import torch
 
 from pipeline.config import ExperimentConfig, config_to_yaml
 from pipeline.train import dist, preemption
-from pipeline.train.checkpoint import find_resume_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint
+from pipeline.train.checkpoint import (
+    committed_checkpoints,
+    find_resume_checkpoint,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+    verify_checkpoint,
+)
 from pipeline.train.data import model_labels
 from pipeline.train.ema import EMA, PowerEMA
 from pipeline.train.engine import build_engine, global_batch, precision_dtype
@@ -54,10 +61,13 @@ def config_hash(cfg: ExperimentConfig) -> str:
 
 
 def model_hash(cfg: ExperimentConfig) -> str:
-    """Hash of what a checkpoint's tensors depend on (network and objective)."""
-    text = config_to_yaml(cfg.model_copy(update={"train": type(cfg.train)(), "data": type(cfg.data)(),
-                                                 "eval": type(cfg.eval)(), "export": type(cfg.export)(),
-                                                 "name": ""}))
+    """Hash of what a checkpoint's tensors depend on: the ``model`` and ``diffusion`` sections alone
+    (hashing the other sections at their defaults made every new train/data/eval field orphan the
+    checkpoints written before it)."""
+    import json
+
+    text = json.dumps({"model": cfg.model.model_dump(mode="json"), "diffusion": cfg.diffusion.model_dump(mode="json")},
+                      sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -93,6 +103,18 @@ def _device() -> torch.device:
 def train(cfg: ExperimentConfig) -> dict[str, Any]:
     """Train on this worker until ``cfg.train.total_images``; returns a summary (rank 0's view)."""
     return _Trainer(cfg).run()
+
+
+def _continue_warmup(engine, images_seen: int, gbatch: int, warmup_images: int) -> None:
+    """After an elastic resume: the LR schedule at the step of the new global batch ``gbatch`` that
+    has seen ``images_seen`` images (the warm-up is fixed in images, its step count is not)."""
+    sched = engine.lr_scheduler
+    lam = sched.lr_lambdas[0] if sched is not None and getattr(sched, "lr_lambdas", None) else None
+    if lam is None or not hasattr(lam, "warmup_steps"):
+        return
+    lam.warmup_steps = math.ceil(warmup_images / gbatch)
+    sched.last_epoch = images_seen // gbatch - 1
+    sched.step()  # sets every param group's lr to base_lr * factor(images_seen // gbatch)
 
 
 def _crossed(now: int, before: int, every: int) -> bool:
@@ -134,6 +156,7 @@ class _Trainer:
         self.gbatch = global_batch(tc, world)
         self.num_classes = int(getattr(getattr(net, "config", None), "num_classes", 0) or 0)
         self.images_seen = self.step = self.consecutive_bad = self.skipped_total = self.overflow_total = 0
+        self.rollbacks = 0
         self._resume()
         if self.phema is not None and self.main:
             discard_snapshots_after(tc.run_dir, self.images_seen)  # a later one is from a run past this checkpoint
@@ -157,10 +180,25 @@ class _Trainer:
             log.warning("resuming %s with a changed configuration (config hash differs)", ckpt.rel)
         state = load_checkpoint(self.engine, cfg.train.run_dir, ckpt, self.ema, posthoc=self.phema)
         self.images_seen, self.step = state["images_seen"], state["step"]
-        self.reader.load_state_dict(state["rank_state"]["data"])
+        if state["resharded"]:
+            # Elastic resume: the rest of the epoch in progress re-split over this run's ranks; the
+            # per-rank dropout stream re-keyed on (run seed, rank, images seen); the LR warm-up
+            # continued in images seen at the new global batch.
+            self.reader.load_resplit([s["data"] for s in state["rank_states"]])
+            torch.manual_seed(stream_seed(cfg.train.seed, self.rank, self.images_seen, -1))
+            _continue_warmup(self.engine, self.images_seen, self.gbatch, cfg.train.warmup_images)
+            if self.main:
+                print(f"re-partitioned checkpoint {ckpt.rel} of {state['world_size']} workers over "
+                      f"{dist.world_size()}", flush=True)
+        elif state["rank_state"]["data"].get("loader_workers") != self.reader.num_workers:
+            # Same ranks, another data.loader_workers: the epoch in progress is re-split the same way.
+            self.reader.load_resplit([s["data"] for s in state["rank_states"]])
+        else:
+            self.reader.load_state_dict(state["rank_state"]["data"])
         shared = state["shared_state"]
         self.skipped_total = int(shared.get("skipped_steps", 0))
         self.overflow_total = int(shared.get("overflow_steps", 0))
+        self.rollbacks = int(shared.get("nonfinite_rollbacks", 0))
         if self.sampler is not None and shared.get("importance_sampler") is not None:
             self.sampler.load_state_dict(shared["importance_sampler"])
         if self.main:
@@ -170,6 +208,7 @@ class _Trainer:
     def checkpoint(self) -> None:
         tc = self.cfg.train
         shared = {"skipped_steps": self.skipped_total, "overflow_steps": self.overflow_total,
+                  "nonfinite_rollbacks": self.rollbacks,
                   "importance_sampler": self.sampler.state_dict() if self.sampler is not None else None}
         save_checkpoint(self.engine, tc.run_dir, images_seen=self.images_seen, step=self.step, ema=self.ema,
                         rank_state={"data": self.reader.state_dict()}, shared_state=shared,
@@ -234,13 +273,48 @@ class _Trainer:
                 save_snapshot(tc.run_dir, self.phema, images_seen=self.images_seen, config_hash=config_hash(self.cfg),
                               model_hash=model_hash(self.cfg))
         if bad_step and self.consecutive_bad > tc.max_consecutive_nonfinite:
+            if self.rollbacks < tc.max_nonfinite_rollbacks and self.roll_back():
+                return
             self.logger.close()
             self.progress.close()
             raise NonFiniteLossError(
                 f"{self.consecutive_bad} consecutive optimizer steps had a non-finite loss or gradient "
                 f"(limit train.max_consecutive_nonfinite={tc.max_consecutive_nonfinite}) at {self.images_seen} "
-                f"images; training stopped. The last good checkpoint is the newest under "
+                f"images, after {self.rollbacks} rollback(s) (train.max_nonfinite_rollbacks="
+                f"{tc.max_nonfinite_rollbacks}); training stopped. The last good checkpoint is the newest under "
                 f"{self.run_dir.join('checkpoints')}; lower train.lr or use precision=bf16/fp32")
+
+    def roll_back(self) -> bool:
+        """After a streak of non-finite steps (every rank agrees: the flag is all-reduced): restore the
+        newest committed checkpoint written before the streak began, keep the data reader where it is
+        (the offending stretch of data is skipped, not replayed) and go on. False when there is none."""
+        tc = self.cfg.train
+        began = self.images_seen - self.consecutive_bad * self.gbatch
+        pick = None
+        if self.main:  # rank 0 checks the checksums and tells the others
+            good = [c.images_seen for c in committed_checkpoints(tc.run_dir)
+                    if c.images_seen < began and verify_checkpoint(self.run_dir, c) is None]
+            pick = good[-1] if good else None
+        pick = dist.broadcast_object(pick)
+        if pick is None:
+            return False
+        ckpt, bad = resolve_checkpoint(tc.run_dir, pick), self.consecutive_bad
+        state = load_checkpoint(self.engine, tc.run_dir, ckpt, self.ema, posthoc=self.phema)
+        skipped_to = self.images_seen
+        self.images_seen, self.step = state["images_seen"], state["step"]
+        if state["resharded"]:  # a checkpoint from before an elastic resume
+            _continue_warmup(self.engine, self.images_seen, self.gbatch, tc.warmup_images)
+        self.rollbacks += 1
+        self.consecutive_bad = 0
+        self.last_ckpt = self.images_seen
+        if self.phema is not None and self.main:
+            discard_snapshots_after(tc.run_dir, self.images_seen)
+        if self.main:
+            log.warning("%d non-finite steps in a row at %d images: rolled back to checkpoint %s (rollback %d of %d); "
+                        "the data read since %d images is skipped", bad, skipped_to, ckpt.rel, self.rollbacks,
+                        tc.max_nonfinite_rollbacks, began)
+            print(f"rolled back to {self.run_dir.join(ckpt.rel)} after {bad} non-finite steps", flush=True)
+        return True
 
     def log_point(self) -> None:
         now = time.perf_counter()

@@ -56,7 +56,7 @@ def preflight(cfg: ExperimentConfig) -> None:
     manifest = check_data(cfg, settings)
     check_shards(cfg, manifest)
     check_run_dir_storage(cfg)
-    check_resume(cfg)
+    check_resume(cfg, manifest)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,8 +173,10 @@ def check_run_dir_storage(cfg: ExperimentConfig) -> None:
 # Resume
 
 
-def check_resume(cfg: ExperimentConfig) -> None:
-    """The checkpoint the run would resume from must fit this config (same model and objective)."""
+def check_resume(cfg: ExperimentConfig, data_manifest: Any = None) -> None:
+    """The checkpoint the run would resume from must fit this config: the same model and objective,
+    the same ZeRO stage, and the same dataset, data seed and shuffle buffer (the data position is a
+    position in that order). Another worker count is allowed (elastic resume)."""
     from pipeline.data import storage
     from pipeline.train.checkpoint import committed_checkpoints
     from pipeline.train.loop import model_hash
@@ -211,9 +213,24 @@ def check_resume(cfg: ExperimentConfig) -> None:
             f"different model or diffusion configuration than model.preset={cfg.model.preset!r} with these "
             "overrides/diffusion settings; allowed: the run's original model and diffusion sections, a new "
             "train.run_dir, or train.resume=never")
-    written = ckpt.manifest.get("world_size")
-    if written is not None and written != tc.num_workers:
+    stage = ckpt.manifest.get("zero_stage")
+    if stage is not None and stage != tc.zero_stage:
         raise PreflightError(
-            f"train.num_workers: {tc.num_workers} is not allowed: checkpoint {tc.run_dir}/{ckpt.rel} was written "
-            f"by {written} workers and changing the worker count on resume is not supported yet; allowed: "
-            f"train.num_workers={written}, a new train.run_dir, or train.resume=never")
+            f"train.zero_stage: {tc.zero_stage} is not allowed: checkpoint {tc.run_dir}/{ckpt.rel} was written with "
+            f"ZeRO stage {stage}; allowed: train.zero_stage={stage}, a new train.run_dir, or train.resume=never")
+    ranks = ckpt.manifest.get("ranks") or []
+    data = (ranks[0].get("state") or {}).get("data") if ranks else None
+    if isinstance(data, dict):
+        now = {"data.seed": cfg.data.seed, "data.shuffle_buffer": cfg.data.shuffle_buffer}
+        was = {"data.seed": data.get("seed"), "data.shuffle_buffer": data.get("shuffle_buffer")}
+        if data_manifest is not None:
+            now["data.url"] = data_manifest.fingerprint or data_manifest.url
+            was["data.url"] = data.get("dataset")
+        for key, value in now.items():
+            if was[key] is not None and was[key] != value:
+                shown = cfg.data.url if key == "data.url" else value
+                raise PreflightError(
+                    f"{key}: {shown!r} is not allowed: checkpoint {tc.run_dir}/{ckpt.rel} read "
+                    f"{'another dataset' if key == 'data.url' else repr(was[key])}, and its data position is a "
+                    f"position in that order; allowed: the checkpoint's {key}, a new train.run_dir, or "
+                    "train.resume=never")
