@@ -142,7 +142,7 @@ PRESETS: dict[str, UNetConfig | ClassifierConfig | PriorConfig] = {
     "prior_tiny": PriorConfig(embed_dim=64, width=128, layers=2, heads=4),
     # DALL-E 2's diffusion prior at its published size (Table 3: 1B parameters, width 2048, 24 layers)
     # over ViT-H/16 CLIP embeddings (d = 1024); 32 heads of 64 channels is our choice (not published).
-    "unclip_prior": PriorConfig(embed_dim=1024, width=2048, layers=24, heads=32),
+    "dalle2_prior": PriorConfig(embed_dim=1024, width=2048, layers=24, heads=32),
 }
 
 # Published parameter counts that the presets must reproduce (within 0.5%).
