@@ -41,13 +41,13 @@ _CHUNK = 256  # images or captions per forward pass
 TINY_MODELS: dict[str, dict[str, Any]] = {
     "shapes-tiny": {
         "embed_dim": 64,
-        "vision_cfg": {"image_size": 32, "patch_size": 4, "width": 96, "layers": 3, "head_width": 32},
-        "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 96, "heads": 3, "layers": 3},
+        "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 96, "layers": 2, "head_width": 32},
+        "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
     },
     "shapes-micro": {
         "embed_dim": 32,
-        "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
-        "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+        "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
+        "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
     },
 }
 # Pixel normalisation of the small models: [0, 1] -> [-1, 1], the diffusion models' own range.
