@@ -55,6 +55,7 @@ def preflight(cfg: ExperimentConfig) -> None:
     settings = _short_settings(cfg)
     manifest = check_data(cfg, settings)
     check_shards(cfg, manifest)
+    check_fields(cfg, manifest, net_config)
     check_run_dir_storage(cfg)
     check_resume(cfg)
 
@@ -106,6 +107,29 @@ def check_shards(cfg: ExperimentConfig, manifest: Any) -> None:
     if cfg.data.require_labels and not manifest.labelled:
         raise PreflightError(f"data.require_labels: True is not allowed: dataset {cfg.data.url!r} has no classes; "
                              "set data.require_labels=false or prepare a labelled dataset")
+
+
+def check_fields(cfg: ExperimentConfig, manifest: Any, net_config: Any) -> None:
+    """``data.fields`` (per-sample CLIP embeddings) must be in the shards, and their size must be the
+    network's embedding size (``embed_dim`` of a prior, ``cond_embed_dim`` of a conditioned U-Net)."""
+    from pipeline.data.reader import MissingFieldError, check_fields as reader_check_fields
+
+    if not cfg.data.fields:
+        return
+    try:
+        dim = reader_check_fields(manifest, tuple(cfg.data.fields))
+    except MissingFieldError as exc:
+        raise PreflightError(str(exc)) from None
+    for key in ("embed_dim", "cond_embed_dim"):
+        want = int(getattr(net_config, key, 0) or 0)
+        if want and want != dim:
+            emb = manifest.embedder
+            raise PreflightError(
+                f"model.overrides.{key}: {want} is not allowed with dataset {cfg.data.url!r}: its {emb['model']} "
+                f"embeddings ({', '.join(cfg.data.fields)}) have dimension {dim}; set model.overrides.{key}={dim} "
+                "or prepare the data with a CLIP model of that dimension")
+        if want:
+            return
 
 
 # ---------------------------------------------------------------------------------------------
