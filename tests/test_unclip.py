@@ -13,6 +13,7 @@ check: both broken variants fail the checks that the correct chain passes.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import subprocess
@@ -172,7 +173,9 @@ def test_prior_network_rebuilds_from_its_config_and_configs_load():
         assert registry.OBJECTIVES[cfg.diffusion.objective].cond_fields
 
 
-def test_chain_refuses_a_dimension_mismatch_and_the_cli_bad_input_exits_2(tmp_path):
+def test_chain_refuses_a_dimension_mismatch_and_the_cli_bad_input_exits_2(tmp_path, capsys):
+    from launch import sample as sample_cli
+
     diffusion = DiffusionConfig(objective="unclip_prior")
     prior = TrainedModel(build_model("prior_tiny", embed_dim=D), registry.build_objective("unclip_prior", None),
                          diffusion, {})
@@ -186,9 +189,7 @@ def test_chain_refuses_a_dimension_mismatch_and_the_cli_bad_input_exits_2(tmp_pa
         check_chain(decoder, None, None)
     with pytest.raises(ValueError, match="embedding dimension mismatch"):
         decode(decoder, torch.zeros(1, 8), [0])
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    base = [sys.executable, str(ROOT / "launch" / "sample.py"), "--model", str(tmp_path), "--out",
-            str(tmp_path / "g.png"), "--num", "2"]
+    base = ["--model", str(tmp_path), "--out", str(tmp_path / "g.png"), "--num", "2"]
     cases = {
         "empty prompt": (["--prompt", " ", "--prior", str(tmp_path), "--clip-model", "m", "--clip-weights", "w"],
                          "--prompt: prompt 0 is empty"),
@@ -197,6 +198,112 @@ def test_chain_refuses_a_dimension_mismatch_and_the_cli_bad_input_exits_2(tmp_pa
         "two modes": (["--prompt", "a", "--variations-of", "x.png"], "give exactly one of"),
     }
     for name, (extra, message) in cases.items():
-        proc = subprocess.run(base + extra, capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
-        assert proc.returncode == 2 and message in proc.stderr, (name, proc.stderr)
+        rc = sample_cli.main(base + extra)
+        err = capsys.readouterr().err
+        assert rc == 2 and message in err, (name, err)
         assert not (tmp_path / "g.png").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# The real training loop (single-process DeepSpeed in a subprocess), export, and the sampling CLI
+
+CLIP_DIM = 32  # shapes-micro
+TRAIN_BASE = ["data.resolution=8", "data.shuffle_buffer=16", "data.hflip=false", "train.micro_batch=8",
+              "train.log_every_images=16", "train.ema_rates=[0.9]", "train.lr=1e-3", "train.collective_timeout_s=120",
+              "train.zero_stage=1", "train.total_images=16", "train.checkpoint_every_images=16",
+              "train.sample_every_images=0"]
+RUNS = {
+    "prior": ["model.preset=prior_tiny", f"model.overrides={{embed_dim: {CLIP_DIM}, width: 32, layers: 1, heads: 2}}",
+              "diffusion.objective=unclip_prior", "data.fields=[clip_img, clip_txt]"],
+    "decoder": ["model.preset=tiny", ("model.overrides={image_size: 8, base_channels: 8, channel_mult: [1, 2], "
+                                      f"attention_resolutions: [4], norm_groups: 4, cond_embed_dim: {CLIP_DIM}}}"),
+                "diffusion.objective=unclip_decoder", "diffusion.timesteps=100", "data.fields=[clip_img]"],
+}
+TRAIN_CODE = r"""
+import json, sys, torch
+torch.set_num_threads(1)
+from pipeline.config import load_config
+from pipeline.train.loop import train
+base, runs, root = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
+for name, extra in runs.items():
+    summary = train(load_config(None, [*base, f"train.run_dir={root}/{name}", *extra]))
+    print("RESULT", json.dumps({"name": name, "images": summary["images_seen"]}), flush=True)
+"""
+
+
+def _random_clip(name: str, path: Path) -> str:
+    from safetensors.torch import save_file
+
+    from pipeline.data.clip_embed import build_clip
+
+    torch.manual_seed(0)
+    model = build_clip(name)[0]
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A prior and a decoder trained 16 images each on CLIP-embedded builtin shards (a random shapes-micro CLIP),
+    then exported: (root, exports, clip weights)."""
+    from launch import export as export_cli
+    from pipeline.data.prepare import EmbedSpec, prepare_dataset
+
+    root = tmp_path_factory.mktemp("unclip")
+    clip = _random_clip("shapes-micro", root / "micro.safetensors")
+    data = root / "data"
+    prepare_dataset("builtin:shapes10", str(data), shard_size=32, num_samples=64, workers=0, progress=False,
+                    embed=EmbedSpec("shapes-micro", clip))
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", TRAIN_CODE, json.dumps([*TRAIN_BASE, f"data.url={data}"]),
+                           json.dumps(RUNS), str(root)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    done = [json.loads(x.split(" ", 1)[1]) for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    assert [r["name"] for r in done] == list(RUNS) and all(r["images"] == 16 for r in done)
+    exports = {}
+    for name in RUNS:
+        exports[name] = root / name / "export"
+        assert export_cli.main(["--run", str(root / name), "--out", str(exports[name])]) == 0
+    return root, exports, clip
+
+
+def test_prior_and_decoder_train_export_and_sample_from_a_prompt(exported, tmp_path, capsys):
+    from launch import sample as sample_cli
+    from pipeline.loading import load_model
+
+    root, exports, clip = exported
+    for name in RUNS:
+        losses = [json.loads(x)["loss"] for x in (root / name / "logs" / "metrics.jsonl").read_text().splitlines()]
+        assert losses and all(math.isfinite(v) for v in losses)
+    prior = load_model(exports["prior"])
+    assert type(prior.network).__name__ == "PriorTransformer" and prior.network.config.embed_dim == CLIP_DIM
+    common = ["--model", str(exports["decoder"]),
+              "--clip-model", "shapes-micro", "--clip-weights", clip, "--steps", "3", "--num", "2"]
+    out = tmp_path / "grid.png"
+    rc = sample_cli.main([*common, "--prior", str(exports["prior"]), "--prompt", "a red circle", "--prompt",
+                          "a blue triangle", "--prior-steps", "3", "--prior-guidance", "1", "--guidance-scale", "2",
+                          "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err[-3000:]
+    from PIL import Image
+
+    assert Image.open(out).size == (2 * 8 + 3 * 2, 2 * 8 + 3 * 2)  # 2 prompts x 2 images of 8x8, 2-pixel padding
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert record["prompts"] == ["a red circle", "a blue triangle"] and len(record["seeds"]) == 4
+    assert record["clip"]["dim"] == CLIP_DIM
+    # bad input: a CLIP model of another dimension, a missing weights file, a prior that is a decoder
+    tiny = _random_clip("shapes-tiny", tmp_path / "tiny.safetensors")
+    cases = {
+        "dimension": (["--clip-model", "shapes-tiny", "--clip-weights", tiny, "--prior", str(exports["prior"]),
+                       "--prompt", "a red circle"], "embedding dimension mismatch"),
+        "no weights": (["--clip-weights", str(tmp_path / "missing.safetensors"), "--prior", str(exports["prior"]),
+                        "--prompt", "a red circle"], "does not exist"),
+        "not a prior": (["--prior", str(exports["decoder"]), "--prompt", "a red circle"], "not unCLIP's prior"),
+    }
+    for name, (extra, message) in cases.items():
+        bad = tmp_path / f"{name}.png"
+        capsys.readouterr()
+        rc = sample_cli.main([*common, *extra, "--out", str(bad)])
+        err = capsys.readouterr().err
+        assert rc == 2 and message in err, (name, err[-2000:])
+        assert not bad.exists()

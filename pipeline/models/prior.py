@@ -98,8 +98,6 @@ class PriorTransformer(nn.Module):
             for _ in range(cfg.layers)])
         self.out_norm = nn.LayerNorm(w)
         self.out = nn.Linear(w, cfg.embed_dim)
-        self.register_buffer("causal_mask", nn.Transformer.generate_square_subsequent_mask(NUM_TOKENS),
-                             persistent=False)
         self.checkpoint_activations = False
 
     def set_activation_checkpointing(self, enabled: bool = True) -> PriorTransformer:
@@ -145,7 +143,8 @@ class PriorTransformer(nn.Module):
         tokens = torch.stack([self.text_proj(text), time, self.image_proj(x), self.query.to(x.dtype).expand(b, -1)],
                              dim=1)
         h = tokens + self.positions.to(x.dtype)
-        mask = self.causal_mask.to(h.dtype)
+        # causal: token i attends to tokens <= i (made here, not a buffer: exports hold weights only)
+        mask = nn.Transformer.generate_square_subsequent_mask(NUM_TOKENS, device=h.device, dtype=h.dtype)
         for block in self.blocks:
             if self.checkpoint_activations and torch.is_grad_enabled():
                 h = checkpoint(block, h, mask, None, True, use_reentrant=False)
