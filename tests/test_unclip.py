@@ -307,3 +307,17 @@ def test_prior_and_decoder_train_export_and_sample_from_a_prompt(exported, tmp_p
         err = capsys.readouterr().err
         assert rc == 2 and message in err, (name, err[-2000:])
         assert not bad.exists()
+
+
+def test_preflight_refuses_missing_fields_and_an_image_grid_for_the_prior():
+    from pipeline.train.preflight import PreflightError, check_objective_inputs
+
+    decoder = load_config(ROOT / "configs" / "unclip_decoder_quickstart.yaml", ["data.fields=[]"])
+    with pytest.raises(PreflightError, match=r"data.fields: \[\] is not allowed for objective 'unclip_decoder': it "
+                                             r"trains on \['clip_img'\]"):
+        check_objective_inputs(decoder)
+    prior = load_config(ROOT / "configs" / "unclip_prior_quickstart.yaml", ["train.sample_every_images=100"])
+    with pytest.raises(PreflightError, match=r"train.sample_every_images: 100 is not allowed for objective "
+                                             r"'unclip_prior': it generates embeddings"):
+        check_objective_inputs(prior)
+    check_objective_inputs(load_config(ROOT / "configs" / "unclip_prior_quickstart.yaml"))

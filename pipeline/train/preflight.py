@@ -51,6 +51,7 @@ def preflight(cfg: ExperimentConfig) -> None:
     check_url("data.url", cfg.data.url)
     check_url("train.run_dir", cfg.train.run_dir)
     net_config = check_model(cfg)
+    check_objective_inputs(cfg)
     check_resolution(cfg, net_config)
     settings = _short_settings(cfg)
     manifest = check_data(cfg, settings)
@@ -85,6 +86,22 @@ def check_model(cfg: ExperimentConfig) -> Any:
         return resolve_preset(cfg.model.preset, **dict(cfg.model.overrides))
     except (TypeError, ValueError) as exc:
         raise PreflightError(f"model.overrides: {dict(cfg.model.overrides)!r} is not allowed: {exc}") from None
+
+
+def check_objective_inputs(cfg: ExperimentConfig) -> None:
+    """The per-sample extras the objective trains on are among ``data.fields``; an objective that generates
+    embeddings (the unCLIP prior) has no training-time image grid."""
+    from pipeline.diffusion.registry import OBJECTIVES
+
+    name, spec = cfg.diffusion.objective, OBJECTIVES[cfg.diffusion.objective]
+    missing = [f for f in spec.cond_fields if f not in cfg.data.fields]
+    if missing:
+        raise PreflightError(f"data.fields: {list(cfg.data.fields)} is not allowed for objective {name!r}: it trains on "
+                             f"{list(spec.cond_fields)} (missing {missing}); set data.fields=[{', '.join(spec.cond_fields)}] "
+                             "and prepare the data with launch/prepare_data.py --embed clip")
+    if not spec.images and cfg.train.sample_every_images:
+        raise PreflightError(f"train.sample_every_images: {cfg.train.sample_every_images} is not allowed for objective "
+                             f"{name!r}: it generates embeddings, not images; set it to 0")
 
 
 def check_resolution(cfg: ExperimentConfig, net_config: Any) -> None:
