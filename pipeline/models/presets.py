@@ -140,7 +140,8 @@ PRESETS: dict[str, UNetConfig | ClassifierConfig | PriorConfig] = {
     # unCLIP diffusion prior (DALL-E 2, Ramesh et al. 2022, sec. 2.2; pipeline/models/prior.py).
     # Fast CPU prior for tests and the demo: set embed_dim to the CLIP model's embedding dimension.
     "prior_tiny": PriorConfig(embed_dim=64, width=128, layers=2, heads=4),
-    # DALL-E 2's diffusion prior at its published size (Table 3: 1B parameters, width 2048, 24 layers)
+    # DALL-E 2's diffusion prior at its published size (Table 3 as we read it: 1B parameters, width 2048,
+    # 24 layers; 1.22B here with 4x MLPs)
     # over ViT-H/16 CLIP embeddings (d = 1024); 32 heads of 64 channels is our choice (not published).
     "dalle2_prior": PriorConfig(embed_dim=1024, width=2048, layers=24, heads=32),
 }
