@@ -159,7 +159,36 @@ def _unclip_demo(out: Path) -> None:
     for prompt in UNCLIP_PROMPTS:
         argv += ["--prompt", prompt]
     _stage(f"sample {len(UNCLIP_PROMPTS)} prompts x {UNCLIP_SAMPLES} images from captions alone", argv)
+    _prior_heldout(prior / "export" / "ema", clip)
     _rank_prompts(grid, clip)
+
+
+def _prior_heldout(prior_export: Path, clip: Path, num: int = 500) -> None:
+    """The prior on held-out pairs (builtin seed 7): cos(sampled, true image embedding) beside the caption's
+    text embedding and the mean training image embedding (DALL-E 2 sec. 2.2's question: does the prior help?)."""
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT))
+    from evaluation.clip_score import prior_baselines
+    from evaluation.unclip import sample_prior
+    from pipeline.data.builtin import builtin_caption, builtin_image
+    from pipeline.data.clip_embed import load_embedder
+    from pipeline.loading import load_model
+
+    embedder = load_embedder("shapes-tiny", str(clip))
+    train_images = embedder.embed_images(np.stack([builtin_image("shapes10", i, 0) for i in range(2000)]))
+    held = range(num)
+    images = embedder.embed_images(np.stack([builtin_image("shapes10", i, 7) for i in held]))
+    texts = embedder.embed_texts([builtin_caption("shapes10", i, 7) for i in held])
+    sampled = sample_prior(load_model(prior_export), texts, list(held), steps=64)
+    r = prior_baselines(sampled, texts, images, train_images.mean(0))
+    print(f"\nThe prior on {r['n']} held-out caption/image pairs: mean cos(x, true CLIP image embedding) "
+          "[95% bootstrap interval]")
+    for key, title in (("prior", "prior sample (2 candidates)"), ("text", "the caption's text embedding"),
+                       ("mean_image", "mean training image embedding"), ("prior_minus_text", "prior - text"),
+                       ("prior_minus_mean_image", "prior - mean image")):
+        iv = r[key]["interval"]
+        print(f"  {title:32s} {r[key]['value']:.3f}  [{iv['low']:.3f}, {iv['high']:.3f}]")
 
 
 def _rank_prompts(grid: Path, clip: Path) -> None:
@@ -183,8 +212,10 @@ def _rank_prompts(grid: Path, clip: Path) -> None:
     top1 = prompt_top1(images, texts, index)
     score = clip_score(images, texts[index])["clip_score"]
     print(f"\nThe demo CLIP ranks each of the {p * n} generated images against the {p} prompts:")
-    print(f"  top-1 (its own prompt nearest): {top1}")
-    print(f"  CLIP score (mean cosine image/prompt): {score['value']:.3f}  {score['interval']}")
+    print(f"  top-1 (its own prompt nearest): {top1['top1']:.3f} of {int(top1['n'])} (chance {top1['chance']:.3f}, "
+          f"sd at chance {top1['sd_at_chance']:.3f})")
+    iv = score["interval"]
+    print(f"  CLIP score (mean cosine image/prompt): {score['value']:.3f}  [{iv['low']:.3f}, {iv['high']:.3f}]")
     print(f"\n  {grid}  (row p: {n} images for prompt p: {', '.join(UNCLIP_PROMPTS)})")
 
 
