@@ -138,7 +138,7 @@ UNCLIP_SAMPLES = 6  # per prompt
 def _unclip_demo(out: Path) -> None:
     """unCLIP (DALL-E 2): CLIP, embedded shards, prior, decoder, export, a grid of prompts x samples."""
     clip = out / "clip" / "shapes-tiny.safetensors"
-    data, prior, decoder = out / "data" / "builtin_clip", out / "unclip_prior", out / "unclip_decoder"
+    data, prior, decoder = out / "data" / "builtin_clip", out / "unclip" / "prior", out / "unclip" / "decoder"
     if not clip.is_file():
         _stage("train the small offline CLIP on the builtin captions (open_clip's model and loss)",
                ["launch/train_clip.py", "--source", "builtin:shapes10", "--out", str(clip)])
@@ -150,7 +150,7 @@ def _unclip_demo(out: Path) -> None:
         _stage(f"train {title} (Ray Train + DeepSpeed ZeRO-2)",
                ["launch/train.py", "--config", f"configs/{config}.yaml", f"train.run_dir={run}", f"data.url={data}",
                 "train.resume=never"])
-        _stage(f"export {run.name}", ["launch/export.py", "--run", str(run), "--out", str(run / "export" / "ema"),
+        _stage(f"export the {run.name}", ["launch/export.py", "--run", str(run), "--out", str(run / "export" / "ema"),
                                       "--overwrite"])
     grid = decoder / "samples" / "prompts.png"
     argv = ["launch/sample.py", "--prior", str(prior / "export" / "ema"), "--model", str(decoder / "export" / "ema"),

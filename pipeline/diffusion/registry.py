@@ -8,6 +8,10 @@ view a sampler drives (``pipeline.diffusion.sampling``). :data:`SAMPLERS` maps a
 drive. :func:`sample` is the one entry that evaluation, ``launch/sample.py`` and the training-time
 grid call.
 
+An objective that trains on per-sample extras of the data (unCLIP's CLIP embeddings) lists their names in
+``cond_fields`` and takes them as ``training_loss(..., cond={name: (B, d) tensor})``; the config's
+``data.fields`` must hold them (checked before training starts).
+
 Adding a sampler: write its pure function (e.g. in ``fast_samplers.py``) and one entry below.
 Adding an objective: write its module (with ``training_loss``) and one entry below (plus a view
 in ``sampling.py`` if none of the existing ones fits). This is the only module where the names of
