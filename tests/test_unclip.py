@@ -291,6 +291,18 @@ def test_prior_and_decoder_train_export_and_sample_from_a_prompt(exported, tmp_p
     record = json.loads(out.with_suffix(".json").read_text())
     assert record["prompts"] == ["a red circle", "a blue triangle"] and len(record["seeds"]) == 4
     assert record["clip"]["dim"] == CLIP_DIM
+    # image variations (DALL-E 2 sec. 3.1) and the slerp between two images' embeddings (sec. 3.2)
+    from pipeline.data.builtin import builtin_image
+
+    for i in range(2):
+        Image.fromarray(builtin_image("shapes10", i, 3, 8)).save(tmp_path / f"{i}.png")
+    decoder_only = common[:-2]  # without --num 2
+    assert sample_cli.main([*decoder_only, "--variations-of", str(tmp_path / "0.png"), "--num", "3",
+                            "--out", str(tmp_path / "var.png")]) == 0
+    assert Image.open(tmp_path / "var.png").size == (4 * 8 + 5 * 2, 8 + 2 * 2)  # the image + 3 variations
+    assert sample_cli.main([*decoder_only, "--slerp", str(tmp_path / "0.png"), str(tmp_path / "1.png"),
+                            "--frames", "3", "--out", str(tmp_path / "slerp.png")]) == 0
+    assert Image.open(tmp_path / "slerp.png").size == (5 * 8 + 6 * 2, 8 + 2 * 2)  # A, 3 frames, B
     # bad input: a CLIP model of another dimension, a missing weights file, a prior that is a decoder
     tiny = _random_clip("shapes-tiny", tmp_path / "tiny.safetensors")
     cases = {
@@ -321,3 +333,14 @@ def test_preflight_refuses_missing_fields_and_an_image_grid_for_the_prior():
                                              r"'unclip_prior': it generates embeddings"):
         check_objective_inputs(prior)
     check_objective_inputs(load_config(ROOT / "configs" / "unclip_prior_quickstart.yaml"))
+
+
+def test_slerp_between_embeddings_keeps_unit_norm_and_hits_the_endpoints():
+    from evaluation.unclip import interpolate_embeddings
+
+    z = F.normalize(torch.randn(2, D, generator=torch.Generator().manual_seed(4)), dim=1)
+    path = interpolate_embeddings(z[0], z[1], 5)
+    torch.testing.assert_close(path[0], z[0]) and torch.testing.assert_close(path[-1], z[1])
+    torch.testing.assert_close(path.norm(dim=1), torch.ones(5))  # a great circle, not a chord
+    angles = torch.arccos((path[:-1] * path[1:]).sum(1).clamp(-1, 1))
+    torch.testing.assert_close(angles, angles[:1].expand(4))  # equal steps in angle
