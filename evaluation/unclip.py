@@ -128,7 +128,7 @@ def read_image(path: str, resolution: int):
         raise ValueError(f"image: {path!r} does not exist or is not a file")
     try:
         with Image.open(path) as image:
-            array = np.asarray(image.convert("RGB"))
+            array = np.array(image.convert("RGB"))  # a writable copy
     except (UnidentifiedImageError, OSError) as exc:
         raise ValueError(f"image: {path!r} is not a readable image ({exc})") from None
     return array if array.shape[:2] == (resolution, resolution) else center_crop_resize(array, resolution)
