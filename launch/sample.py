@@ -146,8 +146,8 @@ def _unclip(args) -> int:
         prior = load_model(args.prior, device=device) if args.prompt is not None else None
         unclip.check_chain(prior, decoder, int(embedder.dim))
         size = int(decoder.network.config.image_size)
-        kw = dict(steps=args.steps or 50, guidance_scale=args.guidance_scale, sampler=args.sampler,
-                  eta=args.eta or 0.0, device=device)
+        kw = {"steps": args.steps or 50, "guidance_scale": args.guidance_scale, "sampler": args.sampler,
+              "eta": args.eta or 0.0, "device": device}
         record = {"decoder": str(args.model), "prior": args.prior, "clip": embedder.identity(), "seed": args.seed,
                   "guidance_scale": args.guidance_scale, "steps": kw["steps"], "sampler": args.sampler}
         if args.prompt is not None:

@@ -83,7 +83,7 @@ class PriorTransformer(nn.Module):
     def __init__(self, config: PriorConfig):
         super().__init__()
         if not isinstance(config, PriorConfig):
-            raise ValueError(f"config: expected a PriorConfig, got {type(config).__name__}")
+            raise ValueError(f"config: expected a PriorConfig, got {type(config).__name__}")  # noqa: TRY004
         self.config = cfg = config
         w = cfg.width
         self.text_proj = nn.Linear(cfg.embed_dim, w)
