@@ -147,20 +147,26 @@ def check_prompts(prompts: Sequence[str]) -> list[str]:
 def text_to_images(prior: Any, decoder: Any, embedder: Any, prompts: Sequence[str], num: int, seed: int, *,
                    prior_steps: int = 64, prior_guidance: float = 0.0, candidates: int | None = None,
                    steps: int = 50, guidance_scale: float = 0.0, sampler: str | None = None, eta: float = 0.0,
-                   device: str | torch.device = "cpu") -> tuple[Tensor, list[int], Tensor]:
+                   batch_size: int = 16, device: str | torch.device = "cpu") -> tuple[Tensor, list[int], Tensor]:
     """``num`` images per prompt, prompt-major: (P num, C, H, W) in [-1, 1], their seeds (image j of
     prompt p: ``sample_seed(seed, p num + j)``) and the prior's image embeddings (P num, d)."""
     prompts = check_prompts(prompts)
     if num < 1:
         raise ValueError(f"--num: {num} is not allowed; it must be >= 1")
     check_chain(prior, decoder, int(embedder.dim))
+    from tqdm.auto import tqdm
+
     text = embedder.embed_texts(prompts).repeat_interleave(num, dim=0)
     seeds = [sample_seed(seed, i) for i in range(len(prompts) * num)]
-    z = sample_prior(prior, text, seeds, steps=prior_steps, guidance_scale=prior_guidance, candidates=candidates,
-                     device=device)
-    images = decode(decoder, z, seeds, steps=steps, guidance_scale=guidance_scale, sampler=sampler, eta=eta,
-                    device=device)
-    return images, seeds, z
+    images, zs = [], []
+    for start in tqdm(range(0, len(seeds), batch_size), desc="unCLIP prior + decoder", unit="batch"):
+        part = slice(start, start + batch_size)  # every draw is per seed: batching does not change the images
+        z = sample_prior(prior, text[part], seeds[part], steps=prior_steps, guidance_scale=prior_guidance,
+                         candidates=candidates, device=device)
+        images.append(decode(decoder, z, seeds[part], steps=steps, guidance_scale=guidance_scale, sampler=sampler,
+                             eta=eta, device=device))
+        zs.append(z)
+    return torch.cat(images), seeds, torch.cat(zs)
 
 
 def image_variations(decoder: Any, embedder: Any, image, num: int, seed: int, **decode_kw: Any

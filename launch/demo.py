@@ -155,7 +155,7 @@ def _unclip_demo(out: Path) -> None:
     grid = decoder / "samples" / "prompts.png"
     argv = ["launch/sample.py", "--prior", str(prior / "export" / "ema"), "--model", str(decoder / "export" / "ema"),
             "--clip-model", "shapes-tiny", "--clip-weights", str(clip), "--num", str(UNCLIP_SAMPLES),
-            "--prior-guidance", "1", "--guidance-scale", "3", "--out", str(grid), "--overwrite"]
+            "--prior-guidance", "1", "--guidance-scale", "3", "--batch-size", "12", "--out", str(grid), "--overwrite"]
     for prompt in UNCLIP_PROMPTS:
         argv += ["--prompt", prompt]
     _stage(f"sample {len(UNCLIP_PROMPTS)} prompts x {UNCLIP_SAMPLES} images from captions alone", argv)

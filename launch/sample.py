@@ -153,7 +153,7 @@ def _unclip(args) -> int:
         if args.prompt is not None:
             images, seeds, _ = unclip.text_to_images(
                 prior, decoder, embedder, args.prompt, args.num, args.seed, prior_steps=args.prior_steps,
-                prior_guidance=args.prior_guidance, candidates=args.candidates, **kw)
+                prior_guidance=args.prior_guidance, candidates=args.candidates, batch_size=args.batch_size, **kw)
             rows, nrow = to_uint8(images), args.num
             record.update(prompts=args.prompt, prior_guidance=args.prior_guidance, prior_steps=args.prior_steps,
                           candidates=args.candidates, seeds=seeds,
