@@ -104,7 +104,7 @@ def test_ray_prepare_writes_captions_and_embeddings_the_reader_yields_by_key(emb
     by_key = dict(zip(got["keys"], range(24)))
     it, it_plain = iter(reader), iter(plain)
     for _ in range(3):
-        x, y, keys, extras = next(it)
+        x, _, keys, extras = next(it)
         x_p, _, keys_p, *rest = next(it_plain)
         assert keys == keys_p and torch.equal(x, x_p) and rest == []
         rows = [by_key[k] for k in keys]
@@ -184,6 +184,9 @@ def test_bad_inputs_exit_2_with_a_message(clip_weights, tmp_path, capsys):
                        "model.overrides.cond_embed_dim=64"]) == 2
     err = capsys.readouterr().err
     assert "cond_embed_dim: 64" in err and "dimension 32" in err
+    # an objective that takes no cond= cannot use the fields
+    assert train.main([f"data.url={emb_url}", f"train.run_dir={tmp_path / 'run'}", "data.fields=[clip_img]"]) == 2
+    assert "no per-sample conditioning" in capsys.readouterr().err
 
     # a manifest that claims embeddings over shards without them: the reader names field and shard
     doc = json.loads((tmp_path / "plain" / "dataset.json").read_text())
