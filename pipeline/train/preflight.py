@@ -113,19 +113,7 @@ def check_fields(cfg: ExperimentConfig, manifest: Any, net_config: Any) -> None:
     """``data.fields`` (per-sample CLIP embeddings) must be in the shards, and their size must be the
     network's embedding size (``embed_dim`` of a prior, ``cond_embed_dim`` of a conditioned U-Net)."""
     from pipeline.data.reader import MissingFieldError, check_fields as reader_check_fields
-    from pipeline.diffusion.registry import objective_spec
 
-    try:
-        needed = tuple(getattr(objective_spec(cfg.diffusion.objective), "cond_fields", ()))
-    except ValueError:
-        needed = ()  # the config's own validation reports a bad objective
-    missing = [f for f in needed if f not in cfg.data.fields]
-    if missing:
-        fields = ",".join(dict.fromkeys([*cfg.data.fields, *needed]))
-        raise PreflightError(
-            f"data.fields: {list(cfg.data.fields)!r} is not allowed with diffusion.objective={cfg.diffusion.objective!r}: "
-            f"it is conditioned on {', '.join(needed)} per sample; set data.fields=[{fields}] (on a dataset prepared "
-            "with launch/prepare_data.py --embed clip)")
     if not cfg.data.fields:
         return
     try:
