@@ -1,7 +1,8 @@
-"""unCLIP's data half: captions in the shards, the small offline CLIP (open_clip), CLIP embeddings
-computed in Ray prepare tasks and streamed by the reader as ``data.fields``, bad input, CLIP score.
+"""unCLIP's data half: captions in the shards, the small offline CLIP (open_clip), bad input, CLIP score.
+(CLIP embeddings computed in Ray prepare tasks on S3 and streamed by the reader as ``data.fields``:
+tests/test_data_prepare.py, which shares its module's Ray.)
 
-The CLIP model is trained once per session (``shapes-micro``, ~100 steps) and reused."""
+The CLIP model is trained once per session (``shapes-micro``, 60 steps) and reused."""
 
 from __future__ import annotations
 
@@ -14,24 +15,22 @@ import torch
 from PIL import Image
 
 from evaluation.clip_score import clip_score, prior_baselines, prompt_top1
-from pipeline.data import storage
-from pipeline.data.builtin import builtin_caption, builtin_image
 from pipeline.data.clip_embed import load_embedder
-from pipeline.data.prepare import EmbedSpec, ensure_ray, prepare_dataset
-from pipeline.data.reader import MissingFieldError, ShardReader, read_fields
+from pipeline.data.prepare import EmbedSpec, prepare_dataset
+from pipeline.data.reader import MissingFieldError, ShardReader
 from pipeline.data.sources import open_source
 
 FIELDS = ("clip_img", "clip_txt")
-HELDOUT = 200
+TRAIN, HELDOUT = 600, 200
 
 
 @pytest.fixture(scope="session")
 def clip_weights(tmp_path_factory):
-    """shapes-micro trained on 1000 builtin pairs (100 steps): (weights path, its saved record)."""
+    """shapes-micro trained on 600 builtin pairs (60 steps, ~8 s): (weights path, its saved record)."""
     from pipeline.data.clip_train import save_clip, train_clip
 
-    source = open_source("builtin:shapes10", num_samples=1000 + HELDOUT)
-    result = train_clip(source, "shapes-micro", num_train=1000, num_heldout=HELDOUT, steps=100, batch_size=128,
+    source = open_source("builtin:shapes10", num_samples=TRAIN + HELDOUT)
+    result = train_clip(source, "shapes-micro", num_train=TRAIN, num_heldout=HELDOUT, steps=60, batch_size=128,
                         threads=1, progress=False)
     path = str(tmp_path_factory.mktemp("clip") / "micro.safetensors")
     return path, save_clip(result, path)
@@ -51,7 +50,7 @@ def test_tiny_clip_ranks_captions_to_their_class_and_reloads_identically(clip_we
 
     emb = load_embedder("shapes-micro", path)
     assert emb.identity() == {k: record[k] for k in ("name", "model", "weights_sha256", "dim")}
-    held = open_source("builtin:shapes10", num_samples=1000 + HELDOUT).read(1000, 1000 + HELDOUT, 32)
+    held = open_source("builtin:shapes10", num_samples=TRAIN + HELDOUT).read(TRAIN, TRAIN + HELDOUT, 32)
     again = retrieval_top1(emb.embed_texts([x.caption for x in held]), emb.embed_images(np.stack([x.image for x in held])),
                            torch.tensor([x.label for x in held]))
     assert again == r
@@ -60,64 +59,6 @@ def test_tiny_clip_ranks_captions_to_their_class_and_reloads_identically(clip_we
     f = torch.from_numpy(u8).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     assert torch.allclose(emb.embed_images(u8), emb.embed_images(f), atol=1e-6)
     assert torch.allclose(emb.embed_images(u8).norm(dim=1), torch.ones(4), atol=1e-6)
-
-
-@pytest.fixture(scope="module")
-def embedded(clip_weights, s3_server):
-    """builtin:shapes10 (24 samples, 4 shards) with CLIP embeddings, prepared by 2 Ray tasks on S3."""
-    import ray
-
-    with pytest.MonkeyPatch.context() as mp:
-        for name, value in s3_server.env().items():
-            mp.setenv(name, value)
-        out = "s3://" + s3_server.create_bucket() + "/unclip"
-        started = ensure_ray(num_cpus=2)
-        try:
-            result = prepare_dataset("builtin:shapes10", out, shard_size=6, num_samples=24, workers=2, progress=False,
-                                     embed=EmbedSpec("shapes-micro", clip_weights[0]))
-        finally:
-            if started:
-                ray.shutdown()
-    return out, result
-
-
-def test_ray_prepare_writes_captions_and_embeddings_the_reader_yields_by_key(embedded, clip_weights, s3_env):
-    out, result = embedded
-    m = result.manifest
-    emb = load_embedder("shapes-micro", clip_weights[0])
-    assert m.captions and m.embedder == {**emb.identity(), "fields": list(FIELDS)}
-    doc = json.loads(storage.read_bytes(out + "/dataset.json"))
-    assert doc["embedder"]["weights_sha256"] == clip_weights[1]["weights_sha256"] and doc["captions"] is True
-
-    # Every sample's caption and embeddings, read back by key, are the builtin sample's own.
-    got = read_fields(out)
-    idx = [int(k) for k in got["keys"]]
-    assert sorted(idx) == list(range(24))
-    assert got["captions"] == [builtin_caption("shapes10", i) for i in idx]
-    images = np.stack([builtin_image("shapes10", i) for i in idx])
-    assert torch.allclose(got["clip_img"], emb.embed_images(images), atol=1e-6)
-    assert torch.allclose(got["clip_txt"], emb.embed_texts(got["captions"]), atol=1e-6)
-
-    # The training reader: extras row-aligned with keys; the same order and state as without fields.
-    plain = ShardReader(out, batch_size=4, shuffle_buffer=5, with_keys=True)
-    reader = ShardReader(out, batch_size=4, shuffle_buffer=5, with_keys=True, fields=FIELDS)
-    by_key = dict(zip(got["keys"], range(24)))
-    it, it_plain = iter(reader), iter(plain)
-    for _ in range(3):
-        x, _, keys, extras = next(it)
-        x_p, _, keys_p, *rest = next(it_plain)
-        assert keys == keys_p and torch.equal(x, x_p) and rest == []
-        rows = [by_key[k] for k in keys]
-        assert set(extras) == set(FIELDS) and extras["clip_img"].dtype == torch.float32
-        for f in FIELDS:
-            assert torch.equal(extras[f], got[f][rows])
-    state = reader.state_dict()
-    assert state == plain.state_dict()
-    x4, _, keys4, extras4 = next(it)
-    resumed = ShardReader(out, batch_size=4, shuffle_buffer=5, with_keys=True, fields=FIELDS)
-    resumed.load_state_dict(state)
-    x4r, _, keys4r, extras4r = next(iter(resumed))
-    assert keys4r == keys4 and torch.equal(x4r, x4) and all(torch.equal(extras4r[f], extras4[f]) for f in FIELDS)
 
 
 def test_folder_sidecars_and_npz_captions_round_trip(tmp_path):
