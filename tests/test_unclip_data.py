@@ -104,6 +104,13 @@ def test_bad_inputs_exit_2_with_a_message(clip_weights, tmp_path, capsys):
     code = prepare_data.main(["--source", "builtin:shapes10", "--out", str(tmp_path / "x"), "--embed", "clip",
                               "--clip-model", "nope", "--clip-weights", clip_weights[0]])
     assert code == 2 and "shapes-micro" in capsys.readouterr().err
+    from launch import train_clip
+
+    assert train_clip.main(["--out", str(tmp_path / "clip.pt")]) == 2 and ".safetensors" in capsys.readouterr().err
+    np.savez(tmp_path / "nocap.npz", arr_0=np.zeros((8, 8, 8, 3), np.uint8))
+    assert train_clip.main(["--source", str(tmp_path / "nocap.npz"), "--out", str(tmp_path / "c.safetensors"),
+                            "--num-train", "4", "--num-heldout", "4"]) == 2
+    assert "no captions" in capsys.readouterr().err and not (tmp_path / "c.safetensors").exists()
     with pytest.raises(ValueError, match="do not fit model 'shapes-tiny'"):
         load_embedder("shapes-tiny", clip_weights[0])
     with pytest.raises(ValueError, match="empty"):
