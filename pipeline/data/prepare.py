@@ -134,6 +134,9 @@ def embed_records(records: list[Record], embed: EmbedSpec) -> list[Record]:
         for i, row in zip(idx, z):
             img[i] = row
     captioned = [i for i, r in enumerate(records) if r.caption is not None]
+    empty = [records[i].origin for i in captioned if not records[i].caption.strip()]
+    if empty:
+        raise ValueError(f"source: the caption of {empty[0]} is empty; a text embedding needs words (fix its caption)")
     txt = dict(zip(captioned, embedder.embed_texts([records[i].caption for i in captioned]).numpy())) if captioned else {}
     return [
         dataclasses.replace(r, arrays={"clip_img": img[i], **({"clip_txt": txt[i]} if i in txt else {})})

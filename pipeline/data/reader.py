@@ -23,6 +23,8 @@ members that ``prepare_data --embed clip`` writes) come with each batch as one e
 ``{field: float32 (B, d)}``, row-aligned with the images. A sample without one of them is an
 error that names the field and the shard (not a skipped sample: the dataset was prepared without
 it). Fields change nothing in the order of samples, so the reader's state is the same with them.
+A horizontal flip flips the image, not its stored vectors (the builtin captions never say left or
+right; set ``hflip=False`` to condition on the exact embedding of the image the model sees).
 
 Bad samples (undecodable image, no image member, missing/invalid ``cls`` when labels are
 required, samples lost to a truncated tar) are skipped, logged and counted; past

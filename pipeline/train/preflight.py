@@ -146,7 +146,25 @@ def check_fields(cfg: ExperimentConfig, manifest: Any, net_config: Any) -> None:
                 f"embeddings ({', '.join(cfg.data.fields)}) have dimension {dim}; set model.overrides.{key}={dim} "
                 "or prepare the data with a CLIP model of that dimension")
         if want:
-            return
+            break
+    check_objective_takes_cond(cfg)
+
+
+def check_objective_takes_cond(cfg: ExperimentConfig) -> None:
+    """With ``data.fields`` the loop passes them as ``training_loss(..., cond=)``: the objective must take it."""
+    import inspect
+
+    from pipeline.diffusion.registry import build_objective
+
+    try:
+        objective = build_objective(cfg.diffusion.objective, cfg.diffusion.objective_options())
+    except (TypeError, ValueError):
+        return  # the config's own validation reports a bad objective
+    if "cond" not in inspect.signature(objective.training_loss).parameters:
+        raise PreflightError(
+            f"data.fields: {list(cfg.data.fields)!r} is not allowed with diffusion.objective="
+            f"{cfg.diffusion.objective!r}: it takes no per-sample conditioning (no cond= in its training_loss); "
+            "set data.fields=[] or choose an objective that is conditioned on embeddings")
 
 
 # ---------------------------------------------------------------------------------------------
