@@ -47,8 +47,10 @@ __all__ = [
 ]
 
 SAMPLERS = tuple(registry.SAMPLERS)
+# the image-generating objectives and their samplers (the unCLIP prior generates embeddings: evaluation/unclip.py)
 OBJECTIVE_SAMPLERS: dict[str, tuple[str, ...]] = {name: registry.samplers_for(name)
-                                                  for name, spec in registry.OBJECTIVES.items() if spec.generative}
+                                                  for name, spec in registry.OBJECTIVES.items()
+                                                  if spec.generative and spec.images}
 PREDICTORS = tuple(registry.PCOptions.model_fields["predictor"].annotation.__args__)
 
 
@@ -112,8 +114,11 @@ def _diffusion(diffusion: Any) -> DiffusionConfig:
 
 def check_sampler(objective: str, settings: SamplerSettings, *, has_classifier: bool = False) -> None:
     """ValueError unless ``settings`` fit a model trained with ``objective``."""
-    registry.objective_spec(objective)
-    if registry.OBJECTIVES[objective].generative and settings.classifier_scale and not has_classifier:
+    spec = registry.objective_spec(objective)
+    if spec.generative and not spec.images:
+        raise ValueError(f"objective: {objective!r} generates embeddings, not images; it has no image samples or image "
+                         "metrics (sample it in its chain: launch/sample.py --prior with a decoder)")
+    if spec.generative and settings.classifier_scale and not has_classifier:
         raise ValueError(f"classifier_scale: {settings.classifier_scale} needs a noisy classifier "
                          "(eval.classifier_run / --classifier-run)")
     registry.check_sampler_fits(objective, settings.sampler,

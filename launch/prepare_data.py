@@ -4,7 +4,10 @@
     python launch/prepare_data.py --source ~/cifar-10-python.tar.gz --out s3://bucket/cifar10 --workers 8
 
 SRC: builtin:NAME | an image folder (one subfolder per class, or flat) | cifar-10-python.tar.gz |
-an .npz with arr_0 (N,H,W,C) uint8 and optional labels. Shards are written by Ray tasks (a local
+an .npz with arr_0 (N,H,W,C) uint8, optional labels and captions. Captions (builtin generated, an
+image's sidecar .txt, an .npz 'captions' array) are stored per sample as txt. With --embed clip,
+every sample also gets its CLIP image (and caption) embedding, from a local weights file (train the
+small offline one with launch/train_clip.py; nothing is downloaded). Shards are written by Ray tasks (a local
 Ray, or the cluster named by RAY_ADDRESS); re-running finishes an interrupted job and does nothing
 for a finished one. Exit status 2 on bad arguments or inputs.
 """
@@ -36,6 +39,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true", help="replace a different dataset already at --out")
     p.add_argument("--ray-address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
     p.add_argument("--verify", action="store_true", help="stream every shard afterwards and check its sha256")
+    p.add_argument("--embed", choices=["clip"], default=None, help="store CLIP embeddings per sample (clip_img, clip_txt)")
+    p.add_argument("--clip-model", default=None, help="open_clip model name (shapes-tiny, shapes-micro, or open_clip's)")
+    p.add_argument("--clip-weights", default=None, help="its weights file (.safetensors; local or s3://)")
     return p.parse_args(argv)
 
 
@@ -46,7 +52,17 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.data.prepare import prepare_dataset
     from pipeline.data.shards import verify_dataset
 
+    from pipeline.data.prepare import EmbedSpec
+
     try:
+        embed = None
+        if args.embed == "clip":
+            if not args.clip_model or not args.clip_weights:
+                raise ValueError("--embed clip needs --clip-model NAME and --clip-weights FILE (a local weights file; "
+                                 "train one with python launch/train_clip.py --out FILE)")
+            embed = EmbedSpec(args.clip_model, args.clip_weights)
+        elif args.clip_model or args.clip_weights:
+            raise ValueError("--clip-model/--clip-weights are only allowed with --embed clip")
         settings = storage.S3Settings(endpoint_url=args.endpoint_url)
         result = prepare_dataset(
             args.source,
@@ -62,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite,
             ray_address=args.ray_address,
             settings=settings,
+            embed=embed,
         )
         if args.verify:
             problems = verify_dataset(args.out, settings)

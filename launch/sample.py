@@ -22,6 +22,15 @@ row to ``--out`` (.png) and OUT.json. Bad input exits with status 2 and a messag
 samples are drawn from its code, one row per image (the image, then its samples; sample k of
 every row uses seed ``sample_seed(seed, k)``); ``--code-interpolate K`` also writes OUT-interpolation.png:
 K samples along the segment between the codes of DIR's first two images, one seed.
+
+unCLIP (DALL-E 2; ``evaluation/unclip.py``), with ``--model`` an embedding-conditioned decoder and
+``--clip-model NAME --clip-weights FILE`` the CLIP model its data were embedded with:
+``--prompt TEXT [--prompt TEXT ...] --prior PRIOR`` (caption -> text embedding -> prior -> image
+embedding -> decoder [-> --upsampler]; one row of --num images per prompt, ``--prior-guidance W``
+and ``--guidance-scale W`` the prior's and the decoder's classifier-free guidance),
+``--variations-of IMAGE`` (--num decodings of the image's embedding), ``--slerp A B --frames K``
+(decodings along the slerp between two images' embeddings, one seed); --out is a .png grid and
+OUT.json records the prompts, seeds and settings.
 """
 
 from __future__ import annotations
@@ -66,7 +75,120 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "--num samples from each one's code (--out: a .png grid)")
     p.add_argument("--code-interpolate", type=int, default=0, help="with --from-images: K samples between the codes "
                    "of the first two images")
+    g = p.add_argument_group("unCLIP (--model: a decoder conditioned on CLIP image embeddings; --out: a .png grid)")
+    g.add_argument("--prompt", action="append", help="a caption (repeat for several): text -> prior -> decoder")
+    g.add_argument("--prior", help="export of a unCLIP prior (text embedding -> image embedding), for --prompt")
+    g.add_argument("--prior-guidance", type=float, default=0.0, help="the prior's classifier-free guidance w >= 0")
+    g.add_argument("--prior-steps", type=int, default=64, help="the prior's sampling steps (DALL-E 2: 64)")
+    g.add_argument("--candidates", type=int, help="prior draws per image, the highest dot product with the text "
+                   "embedding kept (default: the prior's, DALL-E 2's 2)")
+    g.add_argument("--variations-of", metavar="IMAGE", help="decode IMAGE's CLIP embedding --num times")
+    g.add_argument("--slerp", nargs=2, metavar=("A", "B"), help="decode --frames points between two images' "
+                   "CLIP embeddings (slerp), one seed")
+    g.add_argument("--clip-model", help="the CLIP model the training data were embedded with (e.g. shapes-tiny)")
+    g.add_argument("--clip-weights", help="its weights file (local; nothing is downloaded)")
     return p.parse_args(argv)
+
+
+def _unclip_requested(args) -> bool:
+    return bool(args.prompt is not None or args.prior or args.variations_of or args.slerp)
+
+
+def _unclip_args(args) -> str | None:
+    """The first problem with the unCLIP arguments, or None."""
+    modes = [m for m, on in (("--prompt", args.prompt is not None), ("--variations-of", args.variations_of),
+                             ("--slerp", args.slerp)) if on]
+    if len(modes) != 1:
+        return f"give exactly one of --prompt, --variations-of, --slerp (got {', '.join(modes) or 'none'})"
+    if args.prompt is not None and not args.prior:
+        return "--prompt: needs --prior (the export of a unCLIP prior)"
+    if not args.clip_model or not args.clip_weights:
+        return "--clip-model and --clip-weights: required (the CLIP model the data were embedded with)"
+    if args.slerp is None and (args.num is None or args.num < 1):
+        return f"--num: {args.num} is not allowed; it must be >= 1"
+    if args.slerp is not None and args.frames < 2:
+        return f"--frames: {args.frames} is not allowed; it must be >= 2"
+    for name in ("guidance_scale", "prior_guidance"):
+        if getattr(args, name) < 0:
+            return f"--{name.replace('_', '-')}: {getattr(args, name)} is not allowed; it must be >= 0"
+    if args.prior_steps < 1 or (args.steps is not None and args.steps < 1):
+        return "--prior-steps / --steps: must be >= 1"
+    if args.seed < 0:
+        return f"--seed: {args.seed} is not allowed; it must be >= 0"
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        return f"--out: {args.out!r} is not allowed for unCLIP sampling; give a .png grid"
+    if out.exists() and not args.overwrite:
+        return f"--out: {args.out!r} exists; pass --overwrite to replace it"
+    return None
+
+
+def _unclip(args) -> int:
+    """--prompt / --variations-of / --slerp: the unCLIP chain (evaluation/unclip.py); one .png grid + OUT.json."""
+    problem = _unclip_args(args)
+    if problem:
+        return _fail(problem)
+    import numpy as np
+    import torch
+
+    from evaluation import unclip
+    from evaluation.model_sampling import to_uint8
+    from pipeline.loading import load_model
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        if args.prompt is not None:
+            unclip.check_prompts(args.prompt)
+        from pipeline.data.clip_embed import load_embedder
+
+        embedder = load_embedder(args.clip_model, args.clip_weights)
+        decoder = load_model(args.model, device=device)
+        prior = load_model(args.prior, device=device) if args.prompt is not None else None
+        unclip.check_chain(prior, decoder, int(embedder.dim))
+        size = int(decoder.network.config.image_size)
+        kw = {"steps": args.steps or 50, "guidance_scale": args.guidance_scale, "sampler": args.sampler,
+              "eta": args.eta or 0.0, "device": device}
+        record = {"decoder": str(args.model), "prior": args.prior, "clip": embedder.identity(), "seed": args.seed,
+                  "guidance_scale": args.guidance_scale, "steps": kw["steps"], "sampler": args.sampler}
+        if args.prompt is not None:
+            images, seeds, _ = unclip.text_to_images(
+                prior, decoder, embedder, args.prompt, args.num, args.seed, prior_steps=args.prior_steps,
+                prior_guidance=args.prior_guidance, candidates=args.candidates, batch_size=args.batch_size, **kw)
+            rows, nrow = to_uint8(images), args.num
+            record.update(prompts=args.prompt, prior_guidance=args.prior_guidance, prior_steps=args.prior_steps,
+                          candidates=args.candidates, seeds=seeds,
+                          layout="row p: the --num images of prompt p; image j of prompt p uses seed "
+                                 "sample_seed(seed, p num + j)")
+        elif args.variations_of:
+            source = unclip.read_image(args.variations_of, size)
+            images, seeds = unclip.image_variations(decoder, embedder, source, args.num, args.seed, **kw)
+            rows, nrow = np.concatenate([source[None], to_uint8(images)]), args.num + 1
+            record.update(variations_of=args.variations_of, seeds=seeds,
+                          layout="the image, then its --num variations (seed sample_seed(seed, j))")
+        else:
+            a, b = (unclip.read_image(path, size) for path in args.slerp)
+            images = unclip.slerp_images(decoder, embedder, a, b, args.frames, args.seed, **kw)
+            rows, nrow = np.concatenate([a[None], to_uint8(images), b[None]]), args.frames + 2
+            record.update(slerp=args.slerp, frames=args.frames,
+                          layout="A, the --frames decodings along the slerp, B (one seed)")
+        if args.upsampler:  # the ADM-U cascade on the decoder's images
+            from evaluation.cascade import check_upsampler, upsample_images
+
+            up = load_model(args.upsampler, device=device)
+            check_upsampler(up, size, 0, sampler=args.upsampler_sampler, steps=args.upsampler_steps,
+                            noise_level=args.upsampler_noise_level)
+            seeds_all = list(range(len(rows)))
+            rows, record["cascade"] = upsample_images(up, rows, seeds_all, None, sampler=args.upsampler_sampler,
+                                                      steps=args.upsampler_steps,
+                                                      noise_level=args.upsampler_noise_level, device=device)
+    except (ValueError, FileNotFoundError, ImportError) as exc:
+        return _fail(str(exc))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _to_pil(grid(rows, nrow=nrow)).save(out)
+    out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {len(rows)} images to {out} (and {out.with_suffix('.json').name})")
+    return 0
 
 
 def _from_images(args, loaded, settings, device, out: Path) -> int:
@@ -209,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     from evaluation import editing
 
     args = parse_args(argv)
+    if _unclip_requested(args):  # --prompt / --variations-of / --slerp: evaluation/unclip.py
+        return _unclip(args)
     if editing.requested(args):  # --inpaint / --invert / --interpolate: evaluation/editing.py
         return editing.run_cli(args)
     problem = check_args(args)

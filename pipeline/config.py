@@ -128,6 +128,9 @@ class DataConfig(_Section):
     s3_read_timeout_s: float = Field(60.0, gt=0)
     # How long the reader waits for a DataLoader worker's next batch before failing.
     loader_timeout_s: float = Field(600.0, gt=0)
+    # Per-sample vectors each batch carries as a last element {field: (B, d)}, e.g. [clip_img, clip_txt]
+    # (CLIP embeddings written by prepare_data --embed clip); empty: none.
+    fields: tuple[str, ...] = ()
 
 
 class PosthocEMAConfig(_Section):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from pipeline.data import storage
@@ -216,3 +217,60 @@ def test_cli_writes_a_dataset_and_rejects_bad_arguments(tmp_path, capsys):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert all(w in err for w in words), (argv, err)
+
+
+def _random_clip(path: Path) -> str:
+    """A shapes-micro CLIP with random weights: the embeddings need not be good to be stored exactly."""
+    from safetensors.torch import save_file
+
+    from pipeline.data.clip_embed import build_clip
+
+    torch.manual_seed(0)
+    save_file({k: v.contiguous() for k, v in build_clip("shapes-micro")[0].state_dict().items()}, str(path))
+    return str(path)
+
+
+def test_ray_tasks_write_captions_and_clip_embeddings_the_reader_yields_by_key(ray_session, s3_bucket, tmp_path):
+    from pipeline.data.builtin import builtin_caption, builtin_image
+    from pipeline.data.clip_embed import load_embedder
+    from pipeline.data.prepare import EmbedSpec
+    from pipeline.data.reader import read_fields
+
+    fields = ("clip_img", "clip_txt")
+    out, weights = s3_bucket + "/unclip", _random_clip(tmp_path / "micro.safetensors")
+    result = prepare_dataset("builtin:shapes10", out, shard_size=6, num_samples=24, workers=2, progress=False,
+                             embed=EmbedSpec("shapes-micro", weights))
+    m, emb = result.manifest, load_embedder("shapes-micro", weights)
+    assert m.captions and m.embedder == {**emb.identity(), "fields": list(fields)}
+    doc = json.loads(storage.read_bytes(out + "/dataset.json"))
+    assert doc["captions"] is True and doc["embedder"]["dim"] == 32
+
+    # Every sample's caption and embeddings, read back by key, are the builtin sample's own.
+    got = read_fields(out)
+    idx = [int(k) for k in got["keys"]]
+    assert sorted(idx) == list(range(24))
+    assert got["captions"] == [builtin_caption("shapes10", i) for i in idx]
+    images = np.stack([builtin_image("shapes10", i) for i in idx])
+    assert torch.allclose(got["clip_img"], emb.embed_images(images), atol=1e-6)
+    assert torch.allclose(got["clip_txt"], emb.embed_texts(got["captions"]), atol=1e-6)
+
+    # The training reader: extras row-aligned with keys; the same order and state as without fields.
+    plain = ShardReader(out, batch_size=4, shuffle_buffer=5, with_keys=True)
+    reader = ShardReader(out, batch_size=4, shuffle_buffer=5, with_keys=True, fields=fields)
+    by_key = dict(zip(got["keys"], range(24)))
+    it, it_plain = iter(reader), iter(plain)
+    for _ in range(3):
+        x, _, keys, extras = next(it)
+        x_p, _, keys_p, *rest = next(it_plain)
+        assert keys == keys_p and torch.equal(x, x_p) and rest == []
+        rows = [by_key[k] for k in keys]
+        assert set(extras) == set(fields) and extras["clip_img"].dtype == torch.float32
+        for f in fields:
+            assert torch.equal(extras[f], got[f][rows])
+    state = reader.state_dict()
+    assert state == plain.state_dict()
+    x4, _, keys4, extras4 = next(it)
+    resumed = ShardReader(out, batch_size=4, shuffle_buffer=5, with_keys=True, fields=fields)
+    resumed.load_state_dict(state)
+    x4r, _, keys4r, extras4r = next(iter(resumed))
+    assert keys4r == keys4 and torch.equal(x4r, x4) and all(torch.equal(extras4r[f], extras4[f]) for f in fields)

@@ -402,6 +402,12 @@ def test_presets_sampler_and_channels_fit_the_objective(path):
     kind = cfg.diffusion.objective
     if kind == "classifier":
         return
+    from pipeline.diffusion.registry import OBJECTIVES
+
+    if not OBJECTIVES[kind].images:  # the unCLIP prior: CLIP embeddings in and out, no image channels
+        net = resolve_preset(cfg.model.preset, **dict(cfg.model.overrides))
+        assert net.embed_dim > 0 and set(OBJECTIVES[kind].cond_fields) <= set(cfg.data.fields)
+        return
     # a preset with classifier_scale expects eval.classifier_run at evaluation time (ADM-G presets)
     check_sampler(kind, sampler_settings(cfg.eval), has_classifier=bool(cfg.eval.classifier_scale))
     net = resolve_preset(cfg.model.preset, **dict(cfg.model.overrides))

@@ -125,8 +125,8 @@ def test_every_objective_module_has_the_same_call():
     x0 = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0)).clamp(-1, 1)
     y = torch.tensor([0, 1, 2, 3])
 
-    def net(x, t, y=None, **cond):  # cond: e.g. the upsampler's low_res
-        return 0.1 * x if x.shape[1] == 3 else 0.1 * x[:, :3]
+    def net(x, t, y=None, **cond):  # cond: e.g. the upsampler's low_res; x (B, d): the unCLIP prior's embeddings
+        return 0.1 * x if x.ndim == 2 or x.shape[1] == 3 else 0.1 * x[:, :3]
 
     def classifier(x, t):
         return x.mean((2, 3)).repeat(1, 2)[:, :4]
@@ -134,7 +134,12 @@ def test_every_objective_module_has_the_same_call():
     for name in OBJECTIVES:
         objective = registry.build_objective(name, None)
         model = classifier if not OBJECTIVES[name].generative else net
-        runs = [objective.training_loss(model, x0, y, generator=torch.Generator().manual_seed(7)) for _ in range(2)]
+        # per-sample extras an objective declares (unCLIP's CLIP embeddings) come as cond=
+        cond = {field: torch.nn.functional.normalize(torch.randn(4, 8, generator=torch.Generator().manual_seed(i)),
+                                                     dim=1) for i, field in enumerate(OBJECTIVES[name].cond_fields)}
+        kwargs = {"cond": cond} if cond else {}
+        runs = [objective.training_loss(model, x0, y, generator=torch.Generator().manual_seed(7), **kwargs)
+                for _ in range(2)]
         assert runs[0].loss.shape == (4,) and torch.isfinite(runs[0].loss).all(), name
         assert torch.equal(runs[0].loss, runs[1].loss), name
 

@@ -11,6 +11,13 @@ background are drawn at random for every image (as are position and size), so no
 single pixel tells the class. A linear classifier on raw pixels (or their principal components)
 is then well below 100% (it must find the shape at any position), which makes it a baseline
 a learned representation can be measured against (``evaluation.probe``).
+
+Captions (:func:`builtin_caption`, for text-conditioned models such as unCLIP): each sample has an
+English caption that names its colour and shape ("a red circle") and, with wording that varies per
+sample, what else is true of that image: its size ("a small red circle"), its height in the frame
+("a red circle near the top") and the dark background ("a large red circle on black"). The
+wording is drawn from its own random stream of ``(seed, index)``, so captions never move the
+images. Left/right are never named: the training reader flips images horizontally.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ __all__ = [
     "BUILTIN_DATASETS",
     "SHAPES10_ANYCOLOUR_CLASSES",
     "SHAPES10_CLASSES",
+    "builtin_caption",
     "builtin_image",
     "builtin_label",
     "shapes10_batch",
@@ -103,25 +111,77 @@ def shapes10_image(index: int, seed: int = 0, resolution: int = 32, any_colour: 
         raise ValueError(f"index: {index!r} is not allowed; it must be >= 0")
     if resolution < 8:
         raise ValueError(f"resolution: {resolution!r} is not allowed; shapes10 needs >= 8")
-    label = shapes10_label(index, seed)
-    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(index), 0x5A9E])
+    p = _shapes10_params(index, seed, any_colour)
     n = resolution * _SUPERSAMPLE
     grid = (np.arange(n) + 0.5) / n * 2.0 - 1.0  # pixel centres in [-1, 1]
     yy, xx = np.meshgrid(grid, grid, indexing="ij")
     yy = -yy  # y points up
+    mask = _mask(p["label"], xx - p["cx"], yy - p["cy"], p["size"]).astype(np.float32)
+    # Box filter the supersampled mask: anti-aliased coverage per output pixel.
+    cover = mask.reshape(resolution, _SUPERSAMPLE, resolution, _SUPERSAMPLE).mean(axis=(1, 3))[..., None]
+    image = cover * p["shade"] + (1.0 - cover) * p["background"]
+    return np.round(image * 255.0).astype(np.uint8)
+
+
+def _shapes10_params(index: int, seed: int, any_colour: bool) -> dict:
+    """What sample ``index`` shows: label, half-size, centre, shape colour, background colour, hue."""
+    label = shapes10_label(index, seed)
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(index), 0x5A9E])
     size = rng.uniform(0.45, 0.7)
     cx, cy = rng.uniform(-0.9 + size, 0.9 - size, size=2)
     colour_rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(index), 0xC01])
-    mask = _mask(label, xx - cx, yy - cy, size).astype(np.float32)
-    # Box filter the supersampled mask: anti-aliased coverage per output pixel.
-    cover = mask.reshape(resolution, _SUPERSAMPLE, resolution, _SUPERSAMPLE).mean(axis=(1, 3))[..., None]
     shade = np.clip(_COLOURS[label] * rng.uniform(0.8, 1.05) + rng.normal(0.0, 0.03, size=3), 0.0, 1.0)
     background = np.clip(rng.uniform(0.05, 0.3) + rng.normal(0.0, 0.03, size=3), 0.0, 1.0)
+    hue = None
     if any_colour:  # the class is the shape alone: a random saturated hue, a random dark background
-        shade = _hue_rgb(colour_rng.uniform(0.0, 1.0)) * colour_rng.uniform(0.6, 1.0)
+        hue = colour_rng.uniform(0.0, 1.0)
+        shade = _hue_rgb(hue) * colour_rng.uniform(0.6, 1.0)
         background = colour_rng.uniform(0.0, 0.3, size=3)
-    image = cover * shade + (1.0 - cover) * background
-    return np.round(image * 255.0).astype(np.uint8)
+    return {"label": label, "size": size, "cx": cx, "cy": cy, "shade": shade, "background": background, "hue": hue}
+
+
+# Caption words of each class: (colour, shape noun phrase); the colour of shapes10_anycolour is named
+# from its hue instead (_HUE_NAMES: the hexcone's hue in twelfths, wrapped).
+_CAPTION_WORDS = (
+    ("red", "circle"),
+    ("green", "square"),
+    ("blue", "triangle"),
+    ("yellow", "diamond"),
+    ("magenta", "ring"),
+    ("cyan", "plus sign"),
+    ("orange", "cross"),
+    ("purple", "frame"),
+    ("white", "bar"),
+    ("pink", "pair of dots"),
+)
+_HUE_NAMES = ("red", "orange", "yellow", "yellow", "green", "green", "cyan", "cyan", "blue", "purple",
+              "magenta", "red")
+_TEMPLATES = (
+    "{a} {colour} {shape}",
+    "{a} {size} {colour} {shape}",
+    "{a} {colour} {shape} {where}",
+    "{a} {size} {colour} {shape} on black",
+    "a photo of {a} {colour} {shape}",
+    "a picture of {a} {size} {colour} {shape} {where}",
+    "{colour} {shape}, {size}, {where}",
+    "{a} {colour} {shape} on a dark background",
+)
+
+
+def builtin_caption(name: str, index: int, seed: int = 0) -> str:
+    """Caption of sample ``index`` of ``builtin:NAME`` (see the module docstring)."""
+    _check_name(name)
+    p = _shapes10_params(index, seed, name == "shapes10_anycolour")
+    colour, shape = _CAPTION_WORDS[p["label"]]
+    if p["hue"] is not None:
+        colour = _HUE_NAMES[int(p["hue"] * 12) % 12]
+    size = "small" if p["size"] < 0.53 else "large" if p["size"] > 0.62 else "medium-sized"
+    where = "near the top" if p["cy"] > 0.12 else "near the bottom" if p["cy"] < -0.12 else "in the middle"
+    wording = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(index), 0xCA9]).integers(len(_TEMPLATES))
+    words = {"colour": colour, "shape": shape, "size": size, "where": where}
+    text = _TEMPLATES[wording].format(a="{a}", **words)
+    first = text.split("{a} ", 1)[1] if "{a} " in text else ""
+    return text.replace("{a}", "an" if first[:1] in "aeiou" and first else "a")
 
 
 def _hue_rgb(hue: float) -> np.ndarray:

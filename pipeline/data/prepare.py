@@ -9,6 +9,13 @@ is written last, only when every shard is committed, so:
 - re-running a finished job does nothing (idempotent);
 - a destination that holds a *different* finished dataset is refused unless ``overwrite``.
 
+With ``embed`` (an :class:`EmbedSpec`: a CLIP model name and a local weights file), every task
+also computes the L2-normalised CLIP image embedding of each sample (and the text embedding of its
+caption, when the source has captions) and stores them as ``<key>.clip_img.npy`` /
+``<key>.clip_txt.npy``; ``dataset.json`` records the embedder (name, model, weights sha256, dim).
+The weights are loaded once in the driver first, so a missing file or a bad model name fails
+before any shard is written.
+
 Ray starts in-process (bound to 127.0.0.1, no dashboard) unless ``RAY_ADDRESS``/``ray_address``
 names a cluster; ``workers=0`` runs the same task function in this process without Ray.
 """
@@ -37,11 +44,20 @@ from pipeline.data.shards import (
     write_manifest,
     write_shard,
 )
-from pipeline.data.sources import Source, open_source
+from pipeline.data.sources import Record, Source, open_source
 
-__all__ = ["PrepareResult", "prepare_dataset", "ensure_ray"]
+__all__ = ["EmbedSpec", "PrepareResult", "prepare_dataset", "ensure_ray"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbedSpec:
+    """CLIP embeddings to compute while preparing: open_clip model name and weights file (never downloaded)."""
+
+    model: str
+    weights: str
+    sha256: str = ""  # filled in by prepare_dataset from the file it checked; tasks refuse another file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +83,8 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     return True
 
 
-def _fingerprint(source: Source, shard_size: int, resolution: int | None, image_format: str, quality: int) -> str:
+def _fingerprint(source: Source, shard_size: int, resolution: int | None, image_format: str, quality: int,
+                 embedder: dict | None = None) -> str:
     job = {
         "version": MANIFEST_VERSION,
         "source": source.describe(),
@@ -75,6 +92,8 @@ def _fingerprint(source: Source, shard_size: int, resolution: int | None, image_
         "resolution": resolution,
         "image_format": image_format,
         "quality": quality if image_format != "png" else None,
+        **({"captions": True} if source.captions else {}),
+        **({"embedder": embedder} if embedder else {}),
     }
     return hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()
 
@@ -90,9 +109,39 @@ def _shard_task(
     quality: int,
     fingerprint: str,
     settings: storage.S3Settings | None,
+    embed: EmbedSpec | None = None,
 ) -> ShardInfo:
     records = source.read(start, stop, resolution)
+    if embed is not None:
+        records = embed_records(records, embed)
     return write_shard(records, root, index, image_format, quality, source.classes, fingerprint, settings)
+
+
+def embed_records(records: list[Record], embed: EmbedSpec) -> list[Record]:
+    """``records`` with their CLIP embeddings attached (``clip_img``; ``clip_txt`` for a captioned record)."""
+    import numpy as np
+
+    from pipeline.data.clip_embed import cached_embedder
+
+    embedder = cached_embedder(embed.model, embed.weights)
+    if embed.sha256 and embedder.weights_sha256 != embed.sha256:
+        raise ValueError(f"clip weights: {embed.weights} changed while preparing (sha256 {embedder.weights_sha256[:12]}, "
+                         f"was {embed.sha256[:12]}); re-run with a file that stays put")
+    img = [None] * len(records)
+    for shape in {r.image.shape for r in records}:  # one forward pass per image size (a folder may mix sizes)
+        idx = [i for i, r in enumerate(records) if r.image.shape == shape]
+        z = embedder.embed_images(np.stack([records[i].image for i in idx])).numpy()
+        for i, row in zip(idx, z):
+            img[i] = row
+    captioned = [i for i, r in enumerate(records) if r.caption is not None]
+    empty = [records[i].origin for i in captioned if not records[i].caption.strip()]
+    if empty:
+        raise ValueError(f"source: the caption of {empty[0]} is empty; a text embedding needs words (fix its caption)")
+    txt = dict(zip(captioned, embedder.embed_texts([records[i].caption for i in captioned]).numpy())) if captioned else {}
+    return [
+        dataclasses.replace(r, arrays={"clip_img": img[i], **({"clip_txt": txt[i]} if i in txt else {})})
+        for i, r in enumerate(records)
+    ]
 
 
 def _committed(root: str, index: int, fingerprint: str, settings: storage.S3Settings | None) -> ShardInfo | None:
@@ -124,8 +173,10 @@ def prepare_dataset(
     settings: storage.S3Settings | None = None,
     progress: bool = True,
     stall_timeout_s: float = 1800.0,
+    embed: EmbedSpec | None = None,
 ) -> PrepareResult:
-    """Write ``source`` as shards + ``dataset.json`` under ``out`` (local folder or s3:// prefix)."""
+    """Write ``source`` as shards + ``dataset.json`` under ``out`` (local folder or s3:// prefix);
+    with ``embed``, CLIP embeddings per sample (see the module docstring)."""
     t0 = time.monotonic()
     if shard_size < 1:
         raise ValueError(f"shard_size: {shard_size!r} is not allowed; it must be >= 1")
@@ -147,7 +198,15 @@ def prepare_dataset(
     )
     if src.num_samples < 1:
         raise ValueError(f"source: {source!r} has no samples")
-    fingerprint = _fingerprint(src, shard_size, resolution, image_format, quality)
+    embedder = None
+    if embed is not None:  # load once here: a missing file or a bad name fails before any shard is written
+        from pipeline.data.clip_embed import load_embedder
+
+        weights = embed.weights if storage.is_s3(embed.weights) else os.path.abspath(embed.weights)
+        embedder = load_embedder(embed.model, weights).identity()
+        embed = EmbedSpec(embed.model, weights, embedder["weights_sha256"])
+        embedder["fields"] = ["clip_img", "clip_txt"] if src.captions else ["clip_img"]
+    fingerprint = _fingerprint(src, shard_size, resolution, image_format, quality, embedder)
     murl = manifest_url_for(out)
     if storage.exists(murl, settings):
         existing = parse_manifest(json.loads(storage.read_bytes(murl, settings)), murl)
@@ -186,7 +245,7 @@ def prepare_dataset(
         bar.set_postfix(samples_per_s=f"{done_samples / max(time.monotonic() - t_start, 1e-9):.0f}")
 
     try:
-        job = (resolution, image_format, quality, fingerprint, settings)
+        job = (resolution, image_format, quality, fingerprint, settings, embed)
         if todo and workers == 0:
             for index, start, stop in todo:
                 _advance(_shard_task(src, out, index, start, stop, *job), index)
@@ -206,6 +265,8 @@ def prepare_dataset(
         source=src.describe(),
         fingerprint=fingerprint,
         shard_size=shard_size,
+        captions=src.captions,
+        embedder=embedder,
     )
     write_manifest(manifest, settings)  # last: the dataset is complete from here on
     return PrepareResult(manifest, len(todo), reused, time.monotonic() - t0)

@@ -25,6 +25,14 @@ into ``world_size x loader_workers`` contiguous chunks, one per new reader, each
 own shuffle buffer; later epochs follow the plan above at the new world size. Within the epochs in
 progress no sample is lost and none is read twice.
 
+Per-sample vectors (``fields``, e.g. ``("clip_img", "clip_txt")``: the ``<key>.<field>.npy``
+members that ``prepare_data --embed clip`` writes) come with each batch as one extra last element,
+``{field: float32 (B, d)}``, row-aligned with the images. A sample without one of them is an
+error that names the field and the shard (not a skipped sample: the dataset was prepared without
+it). Fields change nothing in the order of samples, so the reader's state is the same with them.
+A horizontal flip flips the image, not its stored vectors (the builtin captions never say left or
+right; set ``hflip=False`` to condition on the exact embedding of the image the model sees).
+
 Bad samples (undecodable image, no image member, missing/invalid ``cls`` when labels are
 required, samples lost to a truncated tar) are skipped, logged and counted; past
 ``max_corrupt_fraction`` of the samples seen (at least one epoch's worth of samples is the
@@ -45,7 +53,14 @@ import torch
 
 from pipeline.data import storage
 from pipeline.data.images import IMAGE_EXTENSIONS, center_crop_resize, decode_image
-from pipeline.data.shards import Manifest, ShardIntegrityError, ShardRead, iter_shard_samples, read_manifest
+from pipeline.data.shards import (
+    Manifest,
+    ShardIntegrityError,
+    ShardRead,
+    iter_shard_samples,
+    npy_array,
+    read_manifest,
+)
 
 __all__ = [
     "CorruptDataError",
@@ -54,8 +69,10 @@ __all__ = [
     "buffer_shuffle_order",
     "epoch_plan",
     "epoch_shard_permutation",
+    "MissingFieldError",
     "iter_dataset",
     "resplit_carry",
+    "read_fields",
     "worker_shards",
 ]
 
@@ -70,6 +87,53 @@ _SALT_CARRY = 0x4352  # "CR": RNG stream of a re-split epoch's buffer shuffle an
 
 class CorruptDataError(RuntimeError):
     """More samples were skipped as corrupt than ``max_corrupt_fraction`` allows."""
+
+
+class MissingFieldError(ValueError):
+    """A sample lacks a per-sample array the reader was asked for (``fields``), or it has the wrong shape."""
+
+
+def check_fields(manifest: Manifest, fields: tuple[str, ...]) -> int | None:
+    """The vector size of ``fields`` from the manifest's embedder (None without fields); raises
+    :class:`MissingFieldError` when the dataset was prepared without them."""
+    if not fields:
+        return None
+    bad = [f for f in fields if not f or not f.replace("_", "").isalnum() or not f.islower()]
+    if bad or len(set(fields)) != len(fields):
+        raise MissingFieldError(f"data.fields: {list(fields)!r} is not allowed; give distinct lowercase names such as "
+                                "['clip_img', 'clip_txt']")
+    emb = manifest.embedder
+    if not emb:
+        raise MissingFieldError(
+            f"data.fields: {list(fields)!r} is not allowed: dataset {manifest.url} has no per-sample embeddings (its "
+            "dataset.json records no embedder); prepare it with launch/prepare_data.py --embed clip --clip-model NAME "
+            "--clip-weights FILE, or set data.fields=[]")
+    stored = emb.get("fields", ["clip_img", "clip_txt"])
+    missing = [f for f in fields if f not in stored]
+    if missing:
+        raise MissingFieldError(f"data.fields: {missing[0]!r} is not allowed: dataset {manifest.url} stores "
+                                f"{', '.join(stored)} per sample")
+    return int(emb["dim"])
+
+
+def decode_fields(sample: dict[str, Any], fields: tuple[str, ...], dim: int | None) -> dict[str, np.ndarray]:
+    """The float32 (d,) vectors ``fields`` of one raw sample; :class:`MissingFieldError` when one is absent."""
+    out = {}
+    for f in fields:
+        data = sample.get(f"{f}.npy")
+        where = f"shard {sample.get('__url__')} sample {sample.get('__key__')}"
+        if data is None:
+            raise MissingFieldError(f"data.fields: {f!r} is missing in {where} (no member {sample.get('__key__')}.{f}.npy); "
+                                    "re-prepare the dataset with --embed clip")
+        try:
+            vec = npy_array(data)
+        except ValueError as exc:
+            raise MissingFieldError(f"data.fields: {f!r} in {where} is not a readable .npy ({exc})") from None
+        if vec.ndim != 1 or (dim is not None and vec.shape[0] != dim):
+            raise MissingFieldError(f"data.fields: {f!r} in {where} has shape {vec.shape}; the manifest's embedder "
+                                    f"says ({dim},)")
+        out[f] = vec.astype(np.float32, copy=False)
+    return out
 
 
 def epoch_shard_permutation(num_shards: int, seed: int, epoch: int) -> np.ndarray:
@@ -226,6 +290,8 @@ class _WorkerStream(torch.utils.data.IterableDataset):
             require_labels=reader.require_labels,
             max_corrupt_fraction=reader.max_corrupt_fraction,
             verify_sha256=reader.verify_sha256,
+            fields=reader.fields,
+            field_dim=reader.field_dim,
         )
         self.carry = reader.carry
         self.states = [dict(s, skipped_by_reason=dict(s["skipped_by_reason"])) for s in states]
@@ -336,6 +402,8 @@ class _WorkerStream(torch.utils.data.IterableDataset):
         bs, res = o["batch_size"], o["resolution"]
         images = np.empty((bs, res, res, 3), dtype=np.uint8)
         labels = np.empty(bs, dtype=np.int64)
+        fields, dim = o["fields"], o["field_dim"]
+        extras = {f: np.empty((bs, dim), dtype=np.float32) for f in fields}
         keys: list[str] = []
         while True:
             epoch, position = state["epoch"], state["position"]
@@ -347,18 +415,22 @@ class _WorkerStream(torch.utils.data.IterableDataset):
                 if reason is not None:
                     self._skip(state, reason, sample, n)
                     continue
+                vectors = decode_fields(sample, fields, dim) if fields else {}
                 image = center_crop_resize(image, res)
                 if o["hflip"] and flip:
                     image = image[:, ::-1]
                 images[len(keys)] = image
                 labels[len(keys)] = label
+                for f, vec in vectors.items():
+                    extras[f][len(keys)] = vec
                 keys.append(sample["__key__"])
                 state["yielded"] += 1
                 produced_this_epoch += 1
                 if len(keys) == bs:
                     x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0).contiguous()
                     out_state = dict(state, skipped_by_reason=dict(state["skipped_by_reason"]))
-                    yield x, torch.from_numpy(labels.copy()), list(keys), worker, out_state
+                    vecs = {f: torch.from_numpy(a.copy()) for f, a in extras.items()}
+                    yield x, torch.from_numpy(labels.copy()), list(keys), worker, out_state, vecs
                     keys = []
             if n is not None and position == 0 and produced_this_epoch == 0:
                 raise CorruptDataError(
@@ -387,7 +459,9 @@ class ShardReader:
     """Batches ``(images, labels)`` streamed from a prepared dataset, forever, resumably.
 
     ``images``: float32 (B, 3, R, R) in [-1, 1]; ``labels``: int64 (B,), -1 where the sample has
-    no label. With ``with_keys`` each batch also carries the list of sample keys.
+    no label. With ``with_keys`` each batch also carries the list of sample keys. With ``fields``
+    each batch ends with ``{field: float32 (B, d)}`` (see the module docstring): ``(images, labels,
+    extras)`` or ``(images, labels, keys, extras)``.
     """
 
     def __init__(
@@ -409,6 +483,7 @@ class ShardReader:
         with_keys: bool = False,
         timeout_s: float = 600.0,
         settings: storage.S3Settings | None = None,
+        fields: tuple[str, ...] | list[str] = (),
     ):
         checks = [
             ("world_size", world_size, world_size >= 1, ">= 1"),
@@ -442,6 +517,8 @@ class ShardReader:
                 f"require_labels: True is not allowed for dataset {m.url}: it has no classes (unlabelled); "
                 "train unconditionally or prepare the data from a labelled source"
             )
+        self.fields = tuple(fields)
+        self.field_dim = check_fields(m, self.fields)
         if resolution is None:
             if m.resolution is None:
                 raise ValueError(f"resolution: None is not allowed: dataset {m.url} has mixed sizes; give one")
@@ -474,6 +551,7 @@ class ShardReader:
             verify_sha256=data.verify_sha256,
             timeout_s=data.loader_timeout_s,
             settings=storage.settings_from_config(data),
+            fields=tuple(data.fields),
         )
         opts.update(kwargs)
         return cls(data.url, **opts)
@@ -498,10 +576,11 @@ class ShardReader:
             )
             batches = iter(loader)
         try:
-            for images, labels, keys, worker, state in batches:
+            for images, labels, keys, worker, state, extras in batches:
                 self._states[worker] = state
                 self._consumed += 1
-                yield (images, labels, keys) if self.with_keys else (images, labels)
+                out = (images, labels, keys) if self.with_keys else (images, labels)
+                yield (*out, extras) if self.fields else out
         finally:
             close = getattr(batches, "close", None) or getattr(batches, "_shutdown_workers", None)
             if close is not None:
@@ -671,3 +750,33 @@ def iter_dataset(
             raise ShardIntegrityError(f"{shard_url}: sha256 {result.sha256} does not match the manifest's {info.sha256}")
     if keys:
         yield flush()
+
+
+def read_fields(
+    url: str, fields: tuple[str, ...] = ("clip_img", "clip_txt"), settings: storage.S3Settings | None = None,
+) -> dict[str, Any]:
+    """Every sample's key, label, caption and ``fields`` vectors, in manifest order, without decoding
+    images: ``{"keys": [...], "labels": int64 (N,), "captions": [str | None], field: float32 (N, d)}``.
+    For held-out evaluation of embeddings (the prior's baselines, retrieval)."""
+    manifest = read_manifest(url, settings)
+    dim = check_fields(manifest, tuple(fields))
+    keys: list[str] = []
+    labels: list[int] = []
+    captions: list[str | None] = []
+    vectors: dict[str, list[np.ndarray]] = {f: [] for f in fields}
+    for i, info in enumerate(manifest.shards):
+        shard_url, result, count = manifest.shard_url(i), ShardRead(), 0
+        for sample in iter_shard_samples(shard_url, settings, result):
+            sample["__url__"] = shard_url
+            for f, vec in decode_fields(sample, tuple(fields), dim).items():
+                vectors[f].append(vec)
+            keys.append(sample["__key__"])
+            labels.append(int(sample["cls"].decode()) if "cls" in sample else -1)
+            captions.append(sample["txt"].decode("utf-8") if "txt" in sample else None)
+            count += 1
+        if result.error or count != info.samples:
+            raise ValueError(f"{shard_url}: {count} of {info.samples} samples readable ({result.error or 'short shard'})")
+    out: dict[str, Any] = {"keys": keys, "labels": torch.tensor(labels, dtype=torch.int64), "captions": captions}
+    for f in fields:
+        out[f] = torch.from_numpy(np.stack(vectors[f])) if vectors[f] else torch.zeros(0, dim or 0)
+    return out

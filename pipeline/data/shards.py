@@ -3,7 +3,9 @@
 Layout of a prepared dataset (local folder or ``s3://bucket/prefix``)::
 
     dataset.json                 manifest, written last: its presence means "complete"
-    shards/shard-000000.tar      WebDataset tar: <key>.png (or .jpg/.webp), <key>.cls, <key>.json
+    shards/shard-000000.tar      WebDataset tar: <key>.png (or .jpg/.webp), <key>.cls, <key>.json,
+                                 <key>.txt (caption, utf-8), <key>.clip_img.npy / <key>.clip_txt.npy
+                                 (float32 L2-normalised CLIP embeddings, when prepared with --embed)
     shards/shard-000000.done.json  commit record of one shard (samples, sha256, job fingerprint)
 
 Shards are byte-for-byte reproducible (fixed tar metadata, deterministic encoders), so the same
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import posixpath
@@ -36,6 +39,8 @@ __all__ = [
     "ShardIntegrityError",
     "iter_shard_samples",
     "manifest_url_for",
+    "npy_array",
+    "npy_bytes",
     "read_manifest",
     "shard_done_url",
     "shard_name",
@@ -46,6 +51,7 @@ __all__ = [
 
 MANIFEST_NAME = "dataset.json"
 MANIFEST_VERSION = 1
+EMBEDDER_KEYS = ("name", "model", "weights_sha256", "dim")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -73,6 +79,8 @@ class Manifest:
     source: dict[str, Any]
     fingerprint: str
     shard_size: int
+    captions: bool = False  # every sample has a txt caption
+    embedder: dict[str, Any] | None = None  # {name, model, weights_sha256, dim} when samples carry embeddings
 
     @property
     def root(self) -> str:
@@ -96,6 +104,8 @@ class Manifest:
             "shard_size": self.shard_size,
             "fingerprint": self.fingerprint,
             "source": self.source,
+            **({"captions": True} if self.captions else {}),
+            **({"embedder": dict(self.embedder)} if self.embedder else {}),
             "shards": [dataclasses.asdict(s) for s in self.shards],
         }
 
@@ -153,6 +163,12 @@ def parse_manifest(doc: Any, url: str) -> Manifest:
     classes = _field(doc, "classes", list, url)
     if not all(isinstance(c, str) for c in classes):
         raise ValueError(f"manifest {url}: classes must be a list of strings")
+    embedder = doc.get("embedder")
+    if embedder is not None:
+        if not isinstance(embedder, dict) or not all(k in embedder for k in EMBEDDER_KEYS):
+            raise ValueError(f"manifest {url}: embedder {embedder!r} must be an object with {', '.join(EMBEDDER_KEYS)}")
+        if not isinstance(embedder["dim"], int) or embedder["dim"] < 1:
+            raise ValueError(f"manifest {url}: embedder dim {embedder['dim']!r} must be a positive integer")
     num_samples = _field(doc, "num_samples", int, url)
     if num_samples != sum(s.samples for s in shards):
         raise ValueError(
@@ -168,6 +184,8 @@ def parse_manifest(doc: Any, url: str) -> Manifest:
         source=dict(doc.get("source") or {}),
         fingerprint=str(doc.get("fingerprint", "")),
         shard_size=int(doc.get("shard_size", 0)),
+        captions=bool(doc.get("captions", False)),
+        embedder=dict(embedder) if embedder is not None else None,
     )
 
 
@@ -222,6 +240,10 @@ def write_shard(
                     if rec.label is not None:
                         sample["cls"] = str(rec.label).encode()
                         meta["label"] = classes[rec.label] if rec.label < len(classes) else rec.label
+                    if rec.caption is not None:
+                        sample["txt"] = rec.caption.encode("utf-8")
+                    for name, array in sorted((rec.arrays or {}).items()):
+                        sample[f"{name}.npy"] = npy_bytes(array)
                     sample["json"] = json.dumps(meta, sort_keys=True).encode()
                     sink.write(sample)
         h = hashlib.sha256()
@@ -238,6 +260,22 @@ def write_shard(
     done = dict(dataclasses.asdict(info), fingerprint=fingerprint)
     storage.write_bytes(shard_done_url(root, index), json.dumps(done).encode(), settings)
     return info
+
+
+def npy_bytes(array: Any) -> bytes:
+    """``array`` as the bytes of a ``.npy`` file (deterministic: fixed header, C order)."""
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def npy_array(data: bytes) -> Any:
+    """The array of ``.npy`` bytes (never unpickles)."""
+    import numpy as np
+
+    return np.load(io.BytesIO(data), allow_pickle=False)
 
 
 # ---------------------------------------------------------------------------------------------

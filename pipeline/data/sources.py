@@ -10,6 +10,11 @@ A source is a numbered sequence of samples that can be read in ranges, so shard 
 - an ``.npz`` with ``arr_0`` (N, H, W, C) uint8 and optional labels (``labels`` or ``arr_1``),
   the openai reference-batch format.
 
+Captions (stored as each sample's ``txt``): generated for ``builtin:NAME``
+(:func:`pipeline.data.builtin.builtin_caption`); a sidecar ``<image stem>.txt`` (utf-8) beside
+each image of a folder; a ``captions`` array of N strings in an ``.npz``. A source has captions for
+all of its samples or for none (``Source.captions``); a folder with some sidecars missing is refused.
+
 :func:`open_source` picks the right one from the ``--source`` string and fails with a message
 naming the argument and what is allowed.
 """
@@ -46,19 +51,24 @@ _FOLDER_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".ti
 
 @dataclasses.dataclass(frozen=True)
 class Record:
-    """One sample: (H, W, 3) uint8 image, label index or None, provenance for the json member."""
+    """One sample: (H, W, 3) uint8 image, label index or None, provenance for the json member,
+    caption or None, named arrays or None."""
 
     index: int
     image: np.ndarray
     label: int | None
     origin: str
+    caption: str | None = None
+    arrays: dict[str, np.ndarray] | None = None  # per-sample vectors stored as <key>.<name>.npy (CLIP embeddings)
 
 
 class Source:
-    """Base class: ``num_samples``, ``classes`` (empty when unlabelled), ``describe()``, ``read()``."""
+    """Base class: ``num_samples``, ``classes`` (empty when unlabelled), ``captions`` (whether every
+    record carries one), ``describe()``, ``read()``."""
 
     num_samples: int
     classes: tuple[str, ...]
+    captions: bool = False
 
     def describe(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -95,6 +105,7 @@ class BuiltinSource(Source):
         self.name, self.num_samples, self.seed = name, int(num_samples), int(seed)
         self.resolution = int(resolution or 32)
         self.classes = tuple(builtin.BUILTIN_DATASETS[name])
+        self.captions = True
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "builtin", "name": self.name, "num_samples": self.num_samples, "seed": self.seed}
@@ -104,7 +115,7 @@ class BuiltinSource(Source):
         res = resolution or self.resolution
         return [
             Record(i, builtin.builtin_image(self.name, i, self.seed, res), builtin.builtin_label(self.name, i, self.seed),
-                   f"{self.name}/{i}")
+                   f"{self.name}/{i}", builtin.builtin_caption(self.name, i, self.seed))
             for i in range(start, stop)
         ]
 
@@ -112,14 +123,19 @@ class BuiltinSource(Source):
 class ArraySource(Source):
     """Images held in memory (CIFAR-10 archive, ``.npz``)."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray | None, classes: Sequence[str], description: dict):
+    def __init__(self, images: np.ndarray, labels: np.ndarray | None, classes: Sequence[str], description: dict,
+                 captions: Sequence[str] | None = None):
         if images.ndim != 4 or images.dtype != np.uint8 or images.shape[3] not in (1, 3, 4):
             raise ValueError(
                 f"images: expected an (N, H, W, C) uint8 array with C in 1, 3, 4; got {images.dtype} {images.shape}"
             )
         if labels is not None and labels.shape != (images.shape[0],):
             raise ValueError(f"labels: expected shape ({images.shape[0]},), got {labels.shape}")
+        if captions is not None and len(captions) != images.shape[0]:
+            raise ValueError(f"captions: expected {images.shape[0]} captions (one per image), got {len(captions)}")
         self.images, self.labels = images, labels
+        self.caption_list = None if captions is None else [str(c) for c in captions]
+        self.captions = captions is not None
         self.num_samples = int(images.shape[0])
         self.classes = tuple(classes) if labels is not None else ()
         self.description = description
@@ -135,6 +151,7 @@ class ArraySource(Source):
                 _fit(self.images[i], resolution),
                 None if self.labels is None else int(self.labels[i]),
                 f"{self.description.get('path', 'array')}#{i}",
+                None if self.caption_list is None else self.caption_list[i],
             )
             for i in range(start, stop)
         ]
@@ -146,7 +163,8 @@ class ImageFolderSource(Source):
     def __init__(self, root: str, settings: storage.S3Settings | None = None):
         self.root, self.settings = str(root).rstrip("/"), settings
         prefix = self.root + "/"
-        files = [u for u in storage.list_prefix(prefix, settings) if Path(u).suffix.lower() in _FOLDER_IMAGE_SUFFIXES]
+        listing = storage.list_prefix(prefix, settings)
+        files = [u for u in listing if Path(u).suffix.lower() in _FOLDER_IMAGE_SUFFIXES]
         rel = sorted(u[len(prefix) :] for u in files)
         rel = [r for r in rel if not any(part.startswith(".") for part in r.split("/"))]
         if not rel:
@@ -169,9 +187,20 @@ class ImageFolderSource(Source):
             self.classes = ()
             self.files = [(r, None) for r in flat]
         self.num_samples = len(self.files)
+        # Captions: a sidecar <stem>.txt beside every image, or none at all.
+        texts = {u[len(prefix):] for u in listing if u.endswith(".txt")}
+        have = [_sidecar(r) in texts for r, _ in self.files]
+        if any(have) and not all(have):
+            missing = next(r for (r, _), h in zip(self.files, have) if not h)
+            raise ValueError(
+                f"source: image folder {root!r} has caption files for {sum(have)} of {len(have)} images but none for "
+                f"{missing} (expected {_sidecar(missing)}); give every image a caption file, or none"
+            )
+        self.captions = bool(have) and all(have)
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "image_folder", "path": self.root, "num_samples": self.num_samples, "classes": list(self.classes)}
+        return {"kind": "image_folder", "path": self.root, "num_samples": self.num_samples, "classes": list(self.classes),
+                **({"captions": True} if self.captions else {})}
 
     def read(self, start: int, stop: int, resolution: int | None) -> list[Record]:
         self._check_range(start, stop)
@@ -185,8 +214,21 @@ class ImageFolderSource(Source):
                 if isinstance(exc, storage.StorageError):
                     raise
                 raise ValueError(f"source: {url} is not a readable image ({type(exc).__name__}: {exc})") from None
-            out.append(Record(i, _fit(image, resolution), label, rel))
+            caption = None
+            if self.captions:
+                raw = storage.read_bytes(storage.join(self.root, _sidecar(rel)), self.settings)
+                try:
+                    caption = raw.decode("utf-8").strip()
+                except UnicodeDecodeError:
+                    raise ValueError(f"source: caption file {storage.join(self.root, _sidecar(rel))} is not utf-8") from None
+            out.append(Record(i, _fit(image, resolution), label, rel, caption))
         return out
+
+
+def _sidecar(rel: str) -> str:
+    """The caption file of image ``rel``: same folder and stem, suffix ``.txt``."""
+    stem, _, _ = rel.rpartition(".")
+    return stem + ".txt"
 
 
 class _ArrayUnpickler(pickle.Unpickler):
@@ -248,6 +290,15 @@ def load_npz(path: str) -> ArraySource:
             if "arr_0" not in npz.files:
                 raise ValueError(f"source: {path!r} has no 'arr_0' (found {', '.join(npz.files) or 'nothing'})")
             images = npz["arr_0"]
+            captions = None
+            if "captions" in npz.files:
+                captions = npz["captions"]
+                if captions.ndim != 1 or len(captions) != len(images) or captions.dtype.kind not in "US":
+                    raise ValueError(
+                        f"source: {path!r} 'captions' must be a 1-D array of {len(images)} strings (one per image), "
+                        f"got {captions.dtype} {captions.shape}"
+                    )
+                captions = [c.decode("utf-8") if isinstance(c, bytes) else str(c) for c in captions.tolist()]
             labels = None
             for name in ("labels", "arr_1"):
                 if name in npz.files and npz[name].ndim == 1 and len(npz[name]) == len(images):
@@ -264,7 +315,9 @@ def load_npz(path: str) -> ArraySource:
         labels = labels.astype(np.int64)
         classes = [str(i) for i in range(int(labels.max()) + 1 if len(labels) else 0)]
     desc = {"kind": "npz", "path": os.path.abspath(path), "bytes": os.path.getsize(path)}
-    return ArraySource(images, labels, classes, desc)
+    if captions is not None:
+        desc["captions"] = True
+    return ArraySource(images, labels, classes, desc, captions)
 
 
 def open_source(
@@ -304,6 +357,7 @@ class _Head(Source):
 
     def __init__(self, inner: Source, n: int):
         self.inner, self.num_samples, self.classes = inner, int(n), inner.classes
+        self.captions = inner.captions
 
     def describe(self) -> dict[str, Any]:
         return dict(self.inner.describe(), num_samples=self.num_samples)

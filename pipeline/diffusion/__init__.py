@@ -21,6 +21,9 @@ Continuous time and guidance (sde.py, ncsn.py, vdm.py, guidance.py, inpainting.p
     annealed_langevin_sample; VDM: MonotoneGamma, VDMObjective, vdm_sample; guidance:
     classifier_cond_fn, classifier_free_guidance, drop_labels; inpaint_sample; EDM Heun and
     DPM-Solver++: edm_heun_sample, dpm_solver_pp_2m_sample, karras_sigmas.
+unCLIP (unclip.py): UnclipPriorObjective (x0-prediction of sqrt(d)-scaled CLIP image embeddings given the
+    text embedding), UnclipDecoderObjective (DDPM family given the image embedding), embedding_guidance,
+    select_by_text_similarity (DALL-E 2's 2-candidate choice), scale_embedding / unscale_embedding.
 Oracle (oracle.py): GaussianMixture with closed-form score, denoiser, classifier and density.
 Seams (registry.py; loaded on first use, so the pure-math modules need no pydantic):
     OBJECTIVES (name -> ObjectiveSpec: typed options, training module, samplers, sampling view),

@@ -8,6 +8,10 @@ view a sampler drives (``pipeline.diffusion.sampling``). :data:`SAMPLERS` maps a
 drive. :func:`sample` is the one entry that evaluation, ``launch/sample.py`` and the training-time
 grid call.
 
+An objective that trains on per-sample extras of the data (unCLIP's CLIP embeddings) lists their names in
+``cond_fields`` and takes them as ``training_loss(..., cond={name: (B, d) tensor})``; the config's
+``data.fields`` must hold them (checked before training starts).
+
 Adding a sampler: write its pure function (e.g. in ``fast_samplers.py``) and one entry below.
 Adding an objective: write its module (with ``training_loss``) and one entry below (plus a view
 in ``sampling.py`` if none of the existing ones fits). This is the only module where the names of
@@ -35,6 +39,7 @@ from .objectives import ClassifierObjective, DDPMObjective
 from .representation import CodeView, ConvEncoder, RepresentationObjective
 from .samplers import ddim_sample, ddpm_sample, noise_from_seeds
 from .schedules import respace
+from .unclip import CLIP_IMAGE, CLIP_TEXT, UnclipDecoderObjective, UnclipPriorObjective
 from .sampling import DiscreteView, Guide, NCSNView, SDEView, SigmaView, VDMView
 from .sde import SDEObjective, make_sde, ode_likelihood, ode_sample, pc_sample, uniform_dequantize
 from .sde import bits_per_dim as sde_bits_per_dim
@@ -159,6 +164,23 @@ class RepresentationOptions(DDPMOptions):
     encoder_channels: int = Field(32, ge=1)  # width of the first conv layer (then 2x)
 
 
+class UnclipPriorOptions(Options):
+    """unCLIP's diffusion prior (DALL-E 2 sec. 2.2): x0-prediction of the sqrt(d)-scaled CLIP image embedding
+    given the text embedding, on a DDPM schedule (in ``diffusion.options``)."""
+
+    schedule: Schedule = "cosine"
+    timesteps: int = Field(1000, ge=2, le=100_000)
+    text_dropout: float = Field(0.1, ge=0.0, le=1.0)  # text embedding -> learned null (classifier-free guidance)
+    candidates: int = Field(2, ge=1, le=64)  # sampling: draws per caption, the highest dot product with z_t is kept
+
+
+class UnclipDecoderOptions(DDPMOptions):
+    """unCLIP's decoder (DALL-E 2 sec. 2.1): a DDPM-family model conditioned on the CLIP image embedding
+    (the DDPM settings are the diffusion section's fields; this one in ``diffusion.options``)."""
+
+    embedding_dropout: float = Field(0.1, ge=0.0, le=1.0)  # z_i -> zero (= withheld) for classifier-free guidance
+
+
 # ---------------------------------------------------------------------------------------------
 # Sampler options
 
@@ -213,6 +235,9 @@ class ObjectiveSpec:
     data_channels: Callable[[Any, int], int] | None = None  # (options, network in_channels) -> image channels
     # (view, x0 on the 8-bit grid in [-1, 1], y, seeds) -> bits/dim per image; None: no likelihood
     likelihood: Callable[..., Tensor] | None = None
+    # per-sample extras the training loss needs from the data (a batch's ``extras``, data.fields); () for none
+    cond_fields: tuple[str, ...] = ()
+    images: bool = True  # False: the model generates vectors (embeddings), not images
 
     @property
     def generative(self) -> bool:
@@ -311,6 +336,10 @@ def _code_view(net, obj: RepresentationObjective, o: RepresentationOptions) -> C
     return CodeView(net, obj.schedule, o.parameterization, o.variance, obj.encoder)
 
 
+def _unclip_decoder(o: UnclipDecoderOptions) -> UnclipDecoderObjective:
+    return UnclipDecoderObjective(o.embedding_dropout, **{k: getattr(o, k) for k in _DDPM_FIELDS})
+
+
 OBJECTIVES: dict[str, ObjectiveSpec] = {
     spec.name: spec
     for spec in (
@@ -342,6 +371,18 @@ OBJECTIVES: dict[str, ObjectiveSpec] = {
             "representation", "diffusion-based representation learning (Abstreiter et al. 2021): DDPM with the "
             "network conditioned on a learned encoder's code z (cond_embed_dim = code_dim), plus lambda_z ||z||_1",
             RepresentationOptions, _representation, _code_view, CodeView, samplers=("ddpm", "ddim"), default="ddim"),
+        ObjectiveSpec(
+            "unclip_prior", "unCLIP diffusion prior (DALL-E 2 sec. 2.2): a causal Transformer predicting the CLIP "
+            "image embedding from the text embedding (model.preset prior_*)",
+            UnclipPriorOptions, lambda o: UnclipPriorObjective(o.schedule, o.timesteps, o.text_dropout),
+            lambda net, obj, o: CodeView(net, obj.schedule, "x0", "fixed_small"), CodeView,
+            samplers=("ddim", "ddpm"), default="ddim", cond_fields=(CLIP_IMAGE, CLIP_TEXT), images=False),
+        ObjectiveSpec(
+            "unclip_decoder", "unCLIP decoder (DALL-E 2 sec. 2.1): DDPM family with the U-Net conditioned on the "
+            "CLIP image embedding (model.overrides.cond_embed_dim = d)",
+            UnclipDecoderOptions, _unclip_decoder,
+            lambda net, obj, o: CodeView(net, obj.schedule, o.parameterization, o.variance), CodeView,
+            samplers=("ddpm", "ddim"), default="ddim", top_level=_DDPM_FIELDS, cond_fields=(CLIP_IMAGE,)),
         ObjectiveSpec(
             "classifier", "ADM-G noisy classifier for classifier guidance (cross-entropy on x_t)",
             ClassifierOptions, lambda o: ClassifierObjective(o.schedule, o.timesteps), None,

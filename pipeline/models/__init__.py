@@ -17,6 +17,7 @@ from torch import nn
 
 from pipeline.models.classifier import ClassifierConfig, NoisyClassifier
 from pipeline.models.presets import PRESETS, PUBLISHED_PARAMETERS
+from pipeline.models.prior import PriorConfig, PriorTransformer
 from pipeline.models.unet import UNet, UNetConfig
 
 __all__ = [
@@ -24,6 +25,8 @@ __all__ = [
     "NoisyClassifier",
     "PRESETS",
     "PUBLISHED_PARAMETERS",
+    "PriorConfig",
+    "PriorTransformer",
     "UNet",
     "UNetConfig",
     "build_model",
@@ -39,10 +42,11 @@ __all__ = [
 _ARCHITECTURES: dict[str, tuple[type, type[nn.Module]]] = {
     "unet": (UNetConfig, UNet),
     "classifier": (ClassifierConfig, NoisyClassifier),
+    "prior": (PriorConfig, PriorTransformer),  # unCLIP's diffusion prior over CLIP embeddings
 }
 
 
-def resolve_preset(preset: str, **overrides: Any) -> UNetConfig | ClassifierConfig:
+def resolve_preset(preset: str, **overrides: Any) -> UNetConfig | ClassifierConfig | PriorConfig:
     """The preset's config with ``overrides`` applied; unknown names raise ValueError."""
     if preset not in PRESETS:
         raise ValueError(f"model preset {preset!r} is unknown; allowed: {', '.join(sorted(PRESETS))}")
@@ -56,12 +60,13 @@ def resolve_preset(preset: str, **overrides: Any) -> UNetConfig | ClassifierConf
     return dataclasses.replace(base, **overrides)
 
 
-def build_network(config: UNetConfig | ClassifierConfig) -> nn.Module:
+def build_network(config: UNetConfig | ClassifierConfig | PriorConfig) -> nn.Module:
     """The module described by a config object."""
     for config_cls, module_cls in _ARCHITECTURES.values():
         if type(config) is config_cls:
             return module_cls(config)
-    raise ValueError(f"config: expected a UNetConfig or ClassifierConfig, got {type(config).__name__}")
+    allowed = ", ".join(c.__name__ for c, _ in _ARCHITECTURES.values())
+    raise ValueError(f"config: expected one of {allowed}, got {type(config).__name__}")
 
 
 def build_model(preset: str, **overrides: Any) -> nn.Module:

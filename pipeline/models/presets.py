@@ -23,6 +23,7 @@ Fourier features override ``in_channels`` and ``prediction_channels`` (configs/c
 from __future__ import annotations
 
 from pipeline.models.classifier import ClassifierConfig
+from pipeline.models.prior import PriorConfig
 from pipeline.models.unet import UNetConfig
 
 __all__ = ["PRESETS", "PUBLISHED_PARAMETERS"]
@@ -37,7 +38,7 @@ _ADM = dict(
     num_classes=1000,
 )
 
-PRESETS: dict[str, UNetConfig | ClassifierConfig] = {
+PRESETS: dict[str, UNetConfig | ClassifierConfig | PriorConfig] = {
     # Fast CPU network for tests and the quickstart (not a published model): 2 levels, 32 -> 16,
     # attention at 16x16.  Set num_classes to make it class-conditional.
     "tiny": UNetConfig(
@@ -136,6 +137,13 @@ PRESETS: dict[str, UNetConfig | ClassifierConfig] = {
     "adm_classifier_256": ClassifierConfig(
         image_size=256, base_channels=128, channel_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2
     ),
+    # unCLIP diffusion prior (DALL-E 2, Ramesh et al. 2022, sec. 2.2; pipeline/models/prior.py).
+    # Fast CPU prior for tests and the demo: set embed_dim to the CLIP model's embedding dimension.
+    "prior_tiny": PriorConfig(embed_dim=64, width=128, layers=2, heads=4),
+    # DALL-E 2's diffusion prior at its published size (Table 3 as we read it: 1B parameters, width 2048,
+    # 24 layers; 1.22B here with 4x MLPs)
+    # over ViT-H/16 CLIP embeddings (d = 1024); 32 heads of 64 channels is our choice (not published).
+    "dalle2_prior": PriorConfig(embed_dim=1024, width=2048, layers=24, heads=32),
 }
 
 # Published parameter counts that the presets must reproduce (within 0.5%).

@@ -220,13 +220,15 @@ class _Trainer:
         tc, engine = self.cfg.train, self.engine
         bad_step = False
         for micro in range(tc.grad_accum):
-            x0, labels = next(batches)
+            batch = next(batches)  # (images, labels) or, with data.fields, (images, labels, extras)
+            x0, labels = batch[0], batch[1]
+            cond = {k: v.to(self.device, non_blocking=True) for k, v in batch[2].items()} if len(batch) > 2 else None
             x0 = x0.to(self.device, non_blocking=True)
             gen = torch.Generator(device=self.device).manual_seed(
                 stream_seed(tc.seed, self.rank, self.images_seen, micro))
             y = model_labels(labels.to(self.device), self.num_classes, self.cfg.diffusion.label_dropout, gen)
-            with self.autocast:
-                out = engine(x0, y, gen)
+            with self.autocast:  # cond only when the data has fields: objectives without them take no cond=
+                out = engine(x0, y, gen, cond=cond) if cond else engine(x0, y, gen)
             losses = out.loss.float()
             weighted = losses * out.weight if out.weight is not None else losses
             loss = weighted.mean()

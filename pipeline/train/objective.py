@@ -31,6 +31,10 @@ class TrainModule(nn.Module):
         self.net = net
         self.objective = build_objective(diffusion.objective, diffusion.objective_options())
 
-    def forward(self, x0: torch.Tensor, y: torch.Tensor | None,
-                generator: torch.Generator | None = None) -> ObjectiveLoss:
+    def forward(self, x0: torch.Tensor, y: torch.Tensor | None, generator: torch.Generator | None = None,
+                cond: dict[str, torch.Tensor] | None = None) -> ObjectiveLoss:
+        """``cond``: the batch's per-sample extras by name (data.fields, e.g. CLIP embeddings), passed
+        on only when there are any (the objectives that need them take ``cond=``)."""
+        if cond:
+            return self.objective.training_loss(self.net, x0, y, generator=generator, cond=cond)
         return self.objective.training_loss(self.net, x0, y, generator=generator)

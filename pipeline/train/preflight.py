@@ -51,10 +51,12 @@ def preflight(cfg: ExperimentConfig) -> None:
     check_url("data.url", cfg.data.url)
     check_url("train.run_dir", cfg.train.run_dir)
     net_config = check_model(cfg)
+    check_objective_inputs(cfg)
     check_resolution(cfg, net_config)
     settings = _short_settings(cfg)
     manifest = check_data(cfg, settings)
     check_shards(cfg, manifest)
+    check_fields(cfg, manifest, net_config)
     check_run_dir_storage(cfg)
     check_resume(cfg, manifest)
 
@@ -86,6 +88,22 @@ def check_model(cfg: ExperimentConfig) -> Any:
         raise PreflightError(f"model.overrides: {dict(cfg.model.overrides)!r} is not allowed: {exc}") from None
 
 
+def check_objective_inputs(cfg: ExperimentConfig) -> None:
+    """The per-sample extras the objective trains on are among ``data.fields``; an objective that generates
+    embeddings (the unCLIP prior) has no training-time image grid."""
+    from pipeline.diffusion.registry import OBJECTIVES
+
+    name, spec = cfg.diffusion.objective, OBJECTIVES[cfg.diffusion.objective]
+    missing = [f for f in spec.cond_fields if f not in cfg.data.fields]
+    if missing:
+        raise PreflightError(f"data.fields: {list(cfg.data.fields)} is not allowed for objective {name!r}: it trains on "
+                             f"{list(spec.cond_fields)} (missing {missing}); set data.fields=[{', '.join(spec.cond_fields)}] "
+                             "and prepare the data with launch/prepare_data.py --embed clip")
+    if not spec.images and cfg.train.sample_every_images:
+        raise PreflightError(f"train.sample_every_images: {cfg.train.sample_every_images} is not allowed for objective "
+                             f"{name!r}: it generates embeddings, not images; set it to 0")
+
+
 def check_resolution(cfg: ExperimentConfig, net_config: Any) -> None:
     size = getattr(net_config, "image_size", None)
     if size is not None and cfg.data.resolution != size:
@@ -106,6 +124,47 @@ def check_shards(cfg: ExperimentConfig, manifest: Any) -> None:
     if cfg.data.require_labels and not manifest.labelled:
         raise PreflightError(f"data.require_labels: True is not allowed: dataset {cfg.data.url!r} has no classes; "
                              "set data.require_labels=false or prepare a labelled dataset")
+
+
+def check_fields(cfg: ExperimentConfig, manifest: Any, net_config: Any) -> None:
+    """``data.fields`` (per-sample CLIP embeddings) must be in the shards, and their size must be the
+    network's embedding size (``embed_dim`` of a prior, ``cond_embed_dim`` of a conditioned U-Net)."""
+    from pipeline.data.reader import MissingFieldError, check_fields as reader_check_fields
+
+    if not cfg.data.fields:
+        return
+    try:
+        dim = reader_check_fields(manifest, tuple(cfg.data.fields))
+    except MissingFieldError as exc:
+        raise PreflightError(str(exc)) from None
+    for key in ("embed_dim", "cond_embed_dim"):
+        want = int(getattr(net_config, key, 0) or 0)
+        if want and want != dim:
+            emb = manifest.embedder
+            raise PreflightError(
+                f"model.overrides.{key}: {want} is not allowed with dataset {cfg.data.url!r}: its {emb['model']} "
+                f"embeddings ({', '.join(cfg.data.fields)}) have dimension {dim}; set model.overrides.{key}={dim} "
+                "or prepare the data with a CLIP model of that dimension")
+        if want:
+            break
+    check_objective_takes_cond(cfg)
+
+
+def check_objective_takes_cond(cfg: ExperimentConfig) -> None:
+    """With ``data.fields`` the loop passes them as ``training_loss(..., cond=)``: the objective must take it."""
+    import inspect
+
+    from pipeline.diffusion.registry import build_objective
+
+    try:
+        objective = build_objective(cfg.diffusion.objective, cfg.diffusion.objective_options())
+    except (TypeError, ValueError):
+        return  # the config's own validation reports a bad objective
+    if "cond" not in inspect.signature(objective.training_loss).parameters:
+        raise PreflightError(
+            f"data.fields: {list(cfg.data.fields)!r} is not allowed with diffusion.objective="
+            f"{cfg.diffusion.objective!r}: it takes no per-sample conditioning (no cond= in its training_loss); "
+            "set data.fields=[] or choose an objective that is conditioned on embeddings")
 
 
 # ---------------------------------------------------------------------------------------------
