@@ -8,6 +8,7 @@ State lives only in the run directory, so a restarted watcher skips what is done
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -16,6 +17,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from evaluation.bpd import CheckpointModel, bits_per_dim
 from evaluation.features import feature_layers
@@ -65,11 +68,13 @@ def default_name(cfg: EvalConfig, ema_rate: float | None, posthoc_sigma: float |
     ema = f"phema{posthoc_sigma:g}" if posthoc_sigma is not None else f"ema{ema_rate:g}"
     cascade = ""
     if cfg.upsampler_run:  # a short hash of the second stage's settings
-        import hashlib
-
         fields = [cfg.upsampler_run, cfg.upsampler_checkpoint, cfg.upsampler_ema_rate, cfg.upsampler_sampler,
                   cfg.upsampler_steps, cfg.upsampler_noise_level]
         cascade = "-up" + hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:8]
+    if cfg.prior_run:  # unCLIP: a short hash of the prior, CLIP and prompt settings
+        fields = [cfg.prior_run, cfg.prior_checkpoint, cfg.prior_steps, cfg.prior_guidance_scale, cfg.clip_model,
+                  cfg.clip_weights, cfg.prompts_url, cfg.prompts_max]
+        cascade = "-prior" + hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:8] + cascade
     return f"{cfg.sampler}{cfg.steps}{eta}{guidance}-n{cfg.num_samples}-{ema}-seed{cfg.seed}{cascade}"
 
 
@@ -165,6 +170,12 @@ def evaluate_checkpoint(
                                                       settings, device, classifier,
                                                       posthoc_sigma=None if posthoc is None else posthoc["sigma_rel"])
     resolution = resolve_model_resolution(cfg) if sample_fn_builder is None else None
+    unclip, prompts, embedder = None, None, None
+    if ev.prior_run:  # unCLIP: prompts -> prior -> decoder; checked before any sampling
+        if sample_fn_builder is not None or posthoc is not None:
+            raise ValueError("eval.prior_run: only with a checkpoint's EMA of the decoder run (not with post-hoc EMA "
+                             "or a custom sample function)")
+        builder, unclip, prompts, embedder = _unclip(cfg, run_url, ckpt.images_seen, ema_rate, device)
     upsampler = None
     if ev.upsampler_run:  # ADM-U cascade: checked (and its weights resolved) before any sampling
         builder, upsampler = _cascade(cfg, builder, device)
@@ -175,6 +186,7 @@ def evaluate_checkpoint(
             "sampler": settings.as_dict(), "model": model, "diffusion": diffusion,
             **({"classifier": guidance["classifier"]} if classifier else {}),
             **({"cascade": upsampler} if upsampler else {}),
+            **({"unclip": unclip} if unclip else {}),
             "custom_sample_fn": None if sample_fn_builder is None else _describe(sample_fn_builder)}
     out_url = evaluation_url(run_url, ckpt, name)
     probe: dict[str, Any] = {}
@@ -197,8 +209,20 @@ def evaluate_checkpoint(
     reference_url = ev.reference_url or cfg.data.url
     scores = score_samples(ev, out_url, sources, reference_url, resolution, progress, ray_address)
     metrics: dict[str, Any] = {**probe, **scores.metrics}
-    skipped, reference = scores.skipped, scores.reference
+    skipped, reference, intervals = scores.skipped, scores.reference, dict(scores.intervals)
     timings.update(scores.timings)
+    if "clip_score" in ev.metrics:
+        from evaluation.sampling import read_samples
+        from evaluation.unclip import prompts_of, score_clip
+
+        start = time.perf_counter()
+        images = np.concatenate(list(read_samples(out_url, ev.num_samples, ev.samples_per_shard)))
+        clip = score_clip(images, prompts_of(prompts, range(ev.num_samples)), embedder,
+                          resamples=ev.bootstrap_resamples, level=ev.bootstrap_level, seed=ev.bootstrap_seed)
+        metrics["clip_score"] = clip["clip_score"]["value"]
+        if clip["clip_score"]["interval"] is not None:
+            intervals["clip_score"] = clip["clip_score"]["interval"]
+        timings["clip_score_s"] = time.perf_counter() - start
     if "bpd" in ev.metrics and posthoc is not None:
         skipped["bpd"] = "bits/dim reads a checkpoint's EMA; not computed for post-hoc EMA weights"
     elif "bpd" in ev.metrics and upsampler is not None:
@@ -211,6 +235,7 @@ def evaluate_checkpoint(
     record = {
         **_what_was_sampled(cfg, run_url, ckpt, ema_rate, posthoc, name, settings, guidance, sample_fn_builder),
         "cascade": upsampler,  # the second stage (ADM-U), None for the model alone
+        "unclip": unclip,  # prior, CLIP embedder and prompts of a unCLIP decoder, None otherwise
         "resolution": resolution,
         "samples": {"url": out_url, "samples_per_shard": ev.samples_per_shard, "batch_size": ev.batch_size,
                     "num_workers": ev.num_workers, "shards_generated": len(generation.generated),
@@ -225,7 +250,7 @@ def evaluate_checkpoint(
                             "bootstrap": {"resamples": ev.bootstrap_resamples, "seed": ev.bootstrap_seed,
                                           "level": ev.bootstrap_level, "kid_subsets": ev.bootstrap_kid_subsets}},
         "metrics": metrics,
-        "intervals": scores.intervals,
+        "intervals": intervals,
         "skipped": skipped,
         "timings": timings,
         "versions": library_versions(),
@@ -233,6 +258,47 @@ def evaluate_checkpoint(
     }
     _record(run_url, out_url, record)
     return EvalResult(out_url, record)
+
+
+def unclip_parts(cfg: ExperimentConfig) -> tuple[Any, Any, list[str], dict[str, Any]]:
+    """(prior, CLIP embedder, prompts, prompts' provenance) of ``eval.prior_run``; ValueError (or
+    FileNotFoundError for the CLIP weights) when one is missing or they do not fit together."""
+    from evaluation.unclip import check_chain, evaluation_prompts
+    from pipeline.data.clip_embed import load_embedder
+    from pipeline.loading import load_model
+
+    ev = cfg.eval
+    if ev.classifier_scale:
+        raise ValueError("eval.prior_run: classifier guidance is not allowed with unCLIP; use --guidance-scale")
+    if not (ev.clip_model and ev.clip_weights):
+        raise ValueError("eval.prior_run needs eval.clip_model and eval.clip_weights (--clip-model, --clip-weights): "
+                         "the CLIP model that embedded the decoder's training data")
+    prior = load_model(ev.prior_run, checkpoint=ev.prior_checkpoint)
+    embedder = load_embedder(ev.clip_model, ev.clip_weights)
+    check_chain(prior, None, int(embedder.dim))
+    prompts, record = evaluation_prompts(ev.prompts_url or ev.reference_url or cfg.data.url, ev.prompts_max)
+    return prior, embedder, prompts, record
+
+
+def _unclip(cfg: ExperimentConfig, run_url: str, images_seen: int, ema_rate: float | None, device: str):
+    """The unCLIP chain's sample-function builder, its provenance, the prompts and the CLIP embedder."""
+    from evaluation.unclip import UnclipSampleFn, check_chain
+    from pipeline.loading import load_model
+
+    ev = cfg.eval
+    prior, embedder, prompts, prompt_record = unclip_parts(cfg)
+    check_chain(prior, load_model(run_url, checkpoint=images_seen, ema_rate=ema_rate), int(embedder.dim))
+    src = dict(prior.source)
+    ref = {"source": ev.prior_run, "checkpoint": src["images_seen"] if src["kind"] == "checkpoint" else "latest",
+           "ema_rate": src.get("ema_rate")}
+    builder = UnclipSampleFn(run_url, images_seen, ema_rate, ref, ev.clip_model, ev.clip_weights, tuple(prompts),
+                             ev.prior_steps, ev.prior_guidance_scale, ev.steps, ev.guidance_scale, ev.sampler, ev.eta,
+                             device)
+    record = {"prior": {"source": src, "objective": prior.diffusion.objective, "steps": ev.prior_steps,
+                        "guidance_scale": ev.prior_guidance_scale,
+                        "candidates": int(prior.diffusion.objective_options().candidates)},
+              "decoder_guidance_scale": ev.guidance_scale, "clip": embedder.identity(), "prompts": prompt_record}
+    return builder, record, prompts, embedder
 
 
 def _cascade(cfg: ExperimentConfig, base: Callable, device: str) -> tuple[Callable, dict[str, Any]]:

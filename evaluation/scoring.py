@@ -18,7 +18,7 @@ import numpy as np
 from evaluation.bootstrap import bootstrap_intervals
 from evaluation.features import feature_layers, main_layer
 from evaluation.inception import FIDHELPER_EXTRACTOR, ExtractorSource, resolve_feature_extractor
-from evaluation.metrics import compute_metrics
+from evaluation.metrics import METRIC_NAMES, compute_metrics
 from evaluation.reference import ReferenceFeatures, ShardItem, features_of_shards, reference_features
 from evaluation.sampling import plan_shards, shard_name
 from pipeline.config import EvalConfig
@@ -97,7 +97,7 @@ def score_samples(
 ) -> Scores:
     """Every configured metric but bits/dim, with bootstrap intervals when ``eval.bootstrap_resamples`` > 0."""
     scores = Scores()
-    wanted = tuple(m for m in ev.metrics if m != "bpd")
+    wanted = tuple(m for m in ev.metrics if m in METRIC_NAMES)  # bpd, probe, clip_score: computed elsewhere
     if not wanted:
         return scores
     generated: dict[str, np.ndarray] = {}

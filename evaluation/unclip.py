@@ -14,6 +14,7 @@ embeddings with one seed.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,7 +31,8 @@ from pipeline.diffusion.unclip import (
     unscale_embedding,
 )
 
-__all__ = ["PRIOR_STAGE", "check_chain", "decode", "embedding_dim", "interpolate_embeddings", "sample_prior"]
+__all__ = ["PRIOR_STAGE", "UnclipSampleFn", "check_chain", "decode", "embedding_dim", "evaluation_prompts",
+           "interpolate_embeddings", "sample_prior", "score_clip"]
 
 PRIOR_STAGE = 1000  # candidate k of a caption with seed s: sample_seed(s, PRIOR_STAGE + k)
 
@@ -186,3 +188,89 @@ def slerp_images(decoder: Any, embedder: Any, image_a, image_b, frames: int, see
     z = embedder.embed_images(torch.stack([torch.as_tensor(image_a), torch.as_tensor(image_b)]).numpy())
     path = interpolate_embeddings(z[0], z[1], frames).float()
     return decode(decoder, path, [sample_seed(seed, 0)] * frames, **decode_kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation (launch/evaluate.py --prior-run ... --metrics clip_score): prompts -> images on the actor pool
+
+PROMPT_RULE = "sample i uses prompt i mod K (K = the number of prompts) and seed sample_seed(eval.seed, i)"
+
+
+def evaluation_prompts(url: str, max_prompts: int) -> tuple[list[str], dict[str, Any]]:
+    """The first ``max_prompts`` captions of the dataset at ``url`` (manifest order) and their provenance;
+    ValueError when it has none."""
+    import hashlib
+    import json
+
+    from pipeline.data.reader import read_fields
+
+    captions = read_fields(url, fields=())["captions"]
+    prompts = [c for c in captions if c and c.strip()][:max_prompts]
+    if not prompts:
+        raise ValueError(f"eval.prompts_url: {url!r} has no captions (.txt members); prepare it from a source with "
+                         "captions (builtin datasets, image folders with sidecar .txt, an .npz with 'captions')")
+    sha = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
+    return prompts, {"url": url, "count": len(prompts), "sha256": sha, "first": prompts[:3], "rule": PROMPT_RULE}
+
+
+def prompts_of(prompts: Sequence[str], indices: Sequence[int]) -> list[str]:
+    """The prompt of each sample index (``PROMPT_RULE``)."""
+    return [prompts[int(i) % len(prompts)] for i in indices]
+
+
+@dataclass(frozen=True)
+class UnclipSampleFn:
+    """Picklable builder for the evaluation workers: each loads the decoder (a run's checkpoint EMA), the
+    prior and the CLIP embedder once, then draws sample i from prompt ``prompts[i mod K]`` with its own
+    seed, as :func:`sample_prior` and :func:`decode` do (the images do not depend on the batch or worker)."""
+
+    run_url: str
+    checkpoint: int
+    ema_rate: float | None
+    prior: dict[str, Any]  # {"source", "checkpoint", "ema_rate"} for pipeline.loading.load_model
+    clip_model: str
+    clip_weights: str
+    prompts: tuple[str, ...]
+    prior_steps: int = 64
+    prior_guidance_scale: float = 0.0
+    steps: int = 50
+    guidance_scale: float = 0.0
+    sampler: str | None = None
+    eta: float = 0.0
+    device: str = "cpu"
+
+    def __call__(self):
+        from evaluation.model_sampling import to_uint8
+        from pipeline.data.clip_embed import load_embedder
+        from pipeline.loading import load_model
+
+        decoder = load_model(self.run_url, checkpoint=self.checkpoint, ema_rate=self.ema_rate, device=self.device)
+        p = self.prior
+        prior = load_model(p["source"], checkpoint=p["checkpoint"], ema_rate=p["ema_rate"], device=self.device)
+        embedder = load_embedder(self.clip_model, self.clip_weights)
+        check_chain(prior, decoder, int(embedder.dim))
+        texts = embedder.embed_texts(list(self.prompts))
+
+        def sample_fn(indices, seeds):
+            text = texts[[int(i) % len(self.prompts) for i in indices]]
+            seeds = [int(s) for s in seeds]
+            z = sample_prior(prior, text, seeds, steps=self.prior_steps, guidance_scale=self.prior_guidance_scale,
+                             device=self.device)
+            x = decode(decoder, z, seeds, steps=self.steps, guidance_scale=self.guidance_scale, sampler=self.sampler,
+                       eta=self.eta, device=self.device)
+            return to_uint8(x)
+
+        return sample_fn
+
+
+def score_clip(images: Any, prompts: Sequence[str], embedder: Any, *, resamples: int, level: float,
+               seed: int) -> dict[str, Any]:
+    """CLIP score of generated uint8 images (N, H, W, 3) against their prompts (N captions): the mean cosine of
+    the embeddings, with a percentile-bootstrap interval over the N pairs when ``resamples`` > 0."""
+    from evaluation.clip_score import clip_score, paired_cosines
+
+    image_emb, text_emb = embedder.embed_images(images), embedder.embed_texts(list(prompts))
+    if resamples:
+        return clip_score(image_emb, text_emb, resamples=resamples, level=level, seed=seed)
+    return {"clip_score": {"value": float(paired_cosines(image_emb, text_emb).mean()), "interval": None},
+            "n": len(prompts)}

@@ -59,6 +59,13 @@ _FLAGS = {
     "upsampler_sampler": "eval.upsampler_sampler",
     "upsampler_steps": "eval.upsampler_steps",
     "upsampler_noise_level": "eval.upsampler_noise_level",
+    "prior_run": "eval.prior_run",
+    "prior_checkpoint": "eval.prior_checkpoint",
+    "prior_steps": "eval.prior_steps",
+    "prior_guidance": "eval.prior_guidance_scale",
+    "clip_model": "eval.clip_model",
+    "clip_weights": "eval.clip_weights",
+    "prompts_url": "eval.prompts_url",
 }
 
 
@@ -88,12 +95,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--upsampler-steps", type=int, help="its sampling steps (default 50)")
     p.add_argument("--upsampler-noise-level", type=float,
                    help="noise augmentation level of the low-resolution input at sampling (default: the model's)")
+    p.add_argument("--prior-run", help="unCLIP: the prior's run directory (or export folder); --run is the decoder, "
+                   "sampled from the captions of --prompts-url through the prior")
+    p.add_argument("--prior-checkpoint", help="'latest' (default) or the images seen of the prior's checkpoint")
+    p.add_argument("--prior-steps", type=int, help="the prior's sampling steps (default 64)")
+    p.add_argument("--prior-guidance", type=float, help="the prior's classifier-free guidance weight (default 0)")
+    p.add_argument("--clip-model", help="unCLIP: the CLIP model that embedded the data (e.g. shapes-tiny)")
+    p.add_argument("--clip-weights", help="unCLIP: its weights file (local or s3://)")
+    p.add_argument("--prompts-url", help="unCLIP: dataset whose captions are the prompts (default: the reference data)")
     p.add_argument("--class-label", type=int, help="class of every sample (default: drawn from each sample's seed)")
     p.add_argument("--seed", type=int, help="evaluation seed (sample i uses a seed from (seed, i))")
     p.add_argument("--workers", type=int, help="sampling / feature actors")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--name", help="evaluation folder name (default: derived from the settings)")
-    p.add_argument("--metrics", help="comma list of fid,sfid,is,pr,kid,fd_dinov2,bpd,probe")
+    p.add_argument("--metrics", help="comma list of fid,sfid,is,pr,kid,fd_dinov2,bpd,probe,clip_score")
     p.add_argument("--feature-extractor", help="inception-v3-compat (default) or inception-v3-tf-torchscript")
     p.add_argument("--inception-weights", help="local Inception weights file (offline clusters)")
     p.add_argument("--dinov2-weights", help="local DINOv2 ViT-L/14 weights (timm safetensors or torch hub .pth), "
@@ -166,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--seeds: not allowed with --watch, --seed or --posthoc-sigma")
         if not args.watch and not sigmas:
             resolve_checkpoint(args.run, args.checkpoint)  # a wrong --checkpoint fails before Ray starts
+        if cfg.eval.prior_run:  # a prior, CLIP model or prompt set that does not fit fails before Ray starts
+            from evaluation.evaluate import unclip_parts
+
+            unclip_parts(cfg)
         if cfg.eval.upsampler_run:  # a second stage that does not fit fails before Ray starts
             from evaluation.cascade import resolve_upsampler
             from evaluation.evaluate import resolve_model_classes, resolve_model_resolution
@@ -193,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     except MissingWeightsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except ValueError as exc:
+    except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -245,6 +245,17 @@ class EvalConfig(_Section):
     upsampler_sampler: SamplerName | None = None  # None: its objective's default sampler
     upsampler_steps: int = Field(50, ge=1)
     upsampler_noise_level: float | None = Field(None, ge=0.0, lt=1.0)  # None: the model's sample_noise_level
+    # unCLIP (DALL-E 2): with prior_run, a decoder run is sampled from prompts (caption -> CLIP text
+    # embedding -> prior -> image embedding -> decoder); sample i takes prompt i mod K of the captions of
+    # prompts_url. 'clip_score': mean cosine of each image's CLIP embedding with its prompt's.
+    prior_run: str | None = None  # run directory (prior_checkpoint, its first EMA) or export folder
+    prior_checkpoint: Literal["latest"] | int = "latest"
+    prior_steps: int = Field(64, ge=1)
+    prior_guidance_scale: float = Field(0.0, ge=0.0)
+    clip_model: str | None = None  # the embedder of the data (dataset.json 'embedder'), e.g. shapes-tiny
+    clip_weights: str | None = None  # its local (or s3://) weights file
+    prompts_url: str | None = None  # a dataset with captions; None: reference_url, else data.url
+    prompts_max: int = Field(1000, ge=1)
     # Continuous-time samplers: 'pc' Langevin corrector signal-to-noise ratio and steps (Song et al.
     # 2021: 0.16 and 1 for CIFAR-10), 'ode' solver tolerance, 'langevin' step size (NCSN eps).
     snr: float = Field(0.16, gt=0)
@@ -254,7 +265,7 @@ class EvalConfig(_Section):
     langevin_step_lr: float = Field(2e-5, gt=0)
     seed: int = 0
     num_workers: int = Field(1, ge=1)
-    metrics: tuple[Literal["fid", "sfid", "is", "pr", "kid", "fd_dinov2", "bpd", "probe"], ...] = (
+    metrics: tuple[Literal["fid", "sfid", "is", "pr", "kid", "fd_dinov2", "bpd", "probe", "clip_score"], ...] = (
         "fid", "sfid", "is", "pr", "kid")
     feature_extractor: str = "inception-v3-compat"
     inception_weights: str | None = None
@@ -291,6 +302,13 @@ class EvalConfig(_Section):
     probe_test_fraction: float = Field(0.5, gt=0.0, lt=1.0)
     # Scheduled evaluation.
     poll_s: float = Field(60.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check_clip_score(self) -> EvalConfig:
+        if "clip_score" in self.metrics and not self.prior_run:
+            raise ValueError("metrics: clip_score needs eval.prior_run (--prior-run): the images of a unCLIP decoder "
+                             "drawn from prompts through its prior")
+        return self
 
 
 class ExportConfig(_Section):

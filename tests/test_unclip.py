@@ -344,3 +344,61 @@ def test_slerp_between_embeddings_keeps_unit_norm_and_hits_the_endpoints():
     torch.testing.assert_close(path.norm(dim=1), torch.ones(5))  # a great circle, not a chord
     angles = torch.arccos((path[:-1] * path[1:]).sum(1).clamp(-1, 1))
     torch.testing.assert_close(angles, angles[:1].expand(4))  # equal steps in angle
+
+
+def _evaluate_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run([sys.executable, str(ROOT / "launch" / "evaluate.py"), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+
+
+def test_evaluate_reports_the_clip_score_of_prompts_through_the_prior_with_provenance(exported):
+    """launch/evaluate.py --prior-run: the decoder run is sampled from the data's captions through the prior on the
+    actor pool; the stored images equal the chain's images drawn in this process for the same prompts and seeds
+    (bitwise), the CLIP score equals their mean cosine with the prompts, and the prior, the CLIP model and the
+    prompt set are on record. Bad input exits 2 before Ray starts."""
+    import hashlib
+
+    import numpy as np
+
+    from evaluation.sampling import read_samples, sample_seeds
+    from evaluation.unclip import UnclipSampleFn, evaluation_prompts, prompts_of, score_clip
+    from pipeline.data.clip_embed import load_embedder
+
+    root, _, clip = exported
+    n = 4
+    common = ["--run", str(root / "decoder"), "--clip-model", "shapes-micro", "--clip-weights", clip,
+              "--no-progress", "--num-samples", str(n), "--steps", "2", f"eval.samples_per_shard={n}"]
+    out = _evaluate_cli(*common, "--prior-run", str(root / "prior"), "--prior-steps", "2", "--metrics", "clip_score",
+                        "--bootstrap-resamples", "50")
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    [metrics_file] = (root / "decoder" / "eval").glob("*/*-prior*/metrics.json")
+    record = json.loads(metrics_file.read_text())
+    prompts, _ = evaluation_prompts(str(root / "data"), 1000)
+    assert record["unclip"]["prompts"]["count"] == len(prompts) == 64
+    assert record["unclip"]["clip"]["weights_sha256"] == hashlib.sha256(Path(clip).read_bytes()).hexdigest()
+    prior_source = record["unclip"]["prior"]["source"]
+    assert prior_source["run"] == str(root / "prior") and record["unclip"]["prior"]["steps"] == 2
+
+    ref = {"source": str(root / "prior"), "checkpoint": prior_source["images_seen"], "ema_rate": None}
+    builder = UnclipSampleFn(str(root / "decoder"), record["checkpoint"]["images_seen"], record["ema_rate"], ref,
+                             "shapes-micro", clip, tuple(prompts), prior_steps=2, steps=2, sampler="ddim")
+    expected = builder()(np.arange(n), sample_seeds(0, range(n)))
+    [stored] = list(read_samples(str(metrics_file.parent), n, n))
+    assert np.array_equal(stored, expected)
+    score = score_clip(expected, prompts_of(prompts, range(n)), load_embedder("shapes-micro", clip), resamples=0,
+                       level=0.95, seed=0)
+    assert record["metrics"]["clip_score"] == pytest.approx(score["clip_score"]["value"], abs=1e-6)
+    interval = record["intervals"]["clip_score"]
+    assert interval["low"] <= record["metrics"]["clip_score"] <= interval["high"]
+
+    cases = {
+        "clip_score needs eval.prior_run": ["--metrics", "clip_score"],
+        "not unCLIP's prior": ["--prior-run", str(root / "decoder"), "--metrics", "clip_score"],
+        "does not exist": ["--prior-run", str(root / "prior"), "--metrics", "clip_score", "--clip-weights",
+                           str(root / "missing.safetensors")],
+    }
+    for message, extra in cases.items():
+        bad = _evaluate_cli(*common, *extra)
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr[-2000:]
