@@ -1,17 +1,18 @@
 """Multi-node training: a Ray cluster of four nodes on this machine, a node killed mid-run.
 
-The cluster is Ray's own ``ray.cluster_utils.Cluster``: a head (no CPUs: it hosts only the
-driver's side and Ray Train's zero-CPU controller) and three nodes joined to it, each its own
-raylet with one CPU. Every node is on 127.0.0.1 (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, as the
+The cluster is Ray's own ``ray.cluster_utils.Cluster``: a head with no CPUs (the driver joins
+it) and three nodes joined to it, each its own raylet with one CPU. Every node is on 127.0.0.1 (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, as the
 embedded default in :func:`pipeline.train.ray_launch.init_ray`; ``ray start --address`` would
-refuse to join in that mode and, without it, rewrites 127.0.0.1 to the routable address). Ray's
-temp dir is the test's own (``RAY_TMPDIR``), so no other Ray in this machine finds the cluster.
+refuse to join in that mode and, without it, rewrites 127.0.0.1 to the routable address); the test
+asserts that no process of the cluster listens beyond loopback. Ray's temp dir is the test's
+own (``RAY_TMPDIR``), so no other Ray on this machine finds the cluster.
 
 Nodes share no disk in a real cluster, so the dataset and the run directory are on S3
 (SeaweedFS); the raylets get the S3 credentials from their environment, as real nodes do.
 
 Two training workers of one CPU each can only run on two different nodes. After the first
-committed checkpoint the node hosting one worker is killed (its raylet and every process under
+committed checkpoint a node hosting one worker (and not Ray Train's zero-CPU controller, which
+Ray may place on any node; losing it ends the run, as losing the head would) is killed (its raylet and every process under
 it, SIGKILL): Ray Train's ``FailureConfig`` restarts the worker group on the two remaining
 nodes, which resumes from the newest committed checkpoint on S3. Same world size, so the run
 must end exactly like an undisturbed run of the same config on the same cluster: same losses,
@@ -101,6 +102,23 @@ def cluster(s3_env, monkeypatch):
         c.shutdown()
 
 
+def _listening_beyond_loopback() -> list[tuple[str, int]]:
+    """Listening sockets of this test's process tree (every node's Ray processes, the training
+    workers, SeaweedFS) on an address other than loopback."""
+    import ipaddress
+
+    pids = {p.pid for p in _descendants(os.getpid())} | {os.getpid()}
+    out = set()
+    for conn in psutil.net_connections(kind="inet"):
+        if conn.status == psutil.CONN_LISTEN and conn.pid in pids:
+            ip = ipaddress.ip_address(conn.laddr.ip.split("%")[0])
+            if ip.version == 6 and ip.ipv4_mapped is not None:
+                ip = ip.ipv4_mapped
+            if not ip.is_loopback:
+                out.add((conn.laddr.ip, conn.laddr.port))
+    return sorted(out)
+
+
 def _losses(run: str) -> dict[int, float]:
     out = {}
     for line in storage.read_bytes(f"{run}/logs/metrics.jsonl").decode().splitlines():
@@ -119,9 +137,11 @@ def _download(url: str, dest: Path) -> Path:
 
 def test_node_killed_mid_run_restarts_on_the_other_nodes_and_ends_like_an_undisturbed_run(cluster, s3_bucket, tmp_path):
     import ray
+
     from pipeline.data.prepare import prepare_dataset
 
     c, nodes = cluster
+    exposed: list = []
     dataset = f"{s3_bucket}/shapes"
     prepare_dataset("builtin:shapes10", dataset, shard_size=64, num_samples=256, workers=0, progress=False)
 
@@ -138,7 +158,7 @@ def test_node_killed_mid_run_restarts_on_the_other_nodes_and_ends_like_an_undist
     def target():
         try:
             done.update(run_training(_cfg(dataset, run, c.address)))
-        except Exception as exc:  # reported by the assertion below
+        except Exception as exc:  # noqa: BLE001 -- reported by the assertion below
             errors.append(exc)
 
     thread = threading.Thread(target=target, daemon=True)
@@ -153,6 +173,7 @@ def test_node_killed_mid_run_restarts_on_the_other_nodes_and_ends_like_an_undist
                 hosts = [n for n, w in placed.items() if w
                          and not _named(_descendants(_raylet_pid(n)), "TrainController")]
                 if hosts:
+                    exposed = _listening_beyond_loopback()  # every node's raylet, the workers' process group
                     victim = hosts[0]
                     doomed = [psutil.Process(_raylet_pid(victim)), *_descendants(_raylet_pid(victim))]
                     c.remove_node(victim, allow_graceful=False)
@@ -164,6 +185,7 @@ def test_node_killed_mid_run_restarts_on_the_other_nodes_and_ends_like_an_undist
             break
         time.sleep(0.1)
     assert victim is not None, "training finished (or never committed) before a node could be killed"
+    assert not exposed, f"the cluster listens beyond loopback: {exposed}"
     # Before the kill the two workers were on two different nodes.
     assert sorted(len(w) for w in placed.values()) == [0, 1, 1], placed
     before = {p.pid for w in placed.values() for p in w}
@@ -181,7 +203,8 @@ def test_node_killed_mid_run_restarts_on_the_other_nodes_and_ends_like_an_undist
     assert not errors, errors
     assert restarted, "no new worker group on the two surviving nodes after the node was killed"
     assert done.get("images_seen") == TOTAL
-    assert len([n for n in ray.nodes() if n["Alive"]]) == 1 + WORKER_NODES - 1
+    alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    assert victim.node_id not in alive and {n.node_id for n in survivors} <= alive and len(alive) == WORKER_NODES
 
     # Exactly the undisturbed run: losses, final DeepSpeed tensors, EMAs.
     assert [k.images_seen for k in committed_checkpoints(run)] == [16, 32, 48, 64]
