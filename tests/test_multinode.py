@@ -24,6 +24,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import signal
 import tempfile
 import threading
@@ -100,7 +101,14 @@ def cluster(s3_env, monkeypatch):
         yield c, nodes
     finally:
         ray.shutdown()
+        left = [p for n in (c.head_node, *c.worker_nodes) if n is not None for p in _descendants(_raylet_pid(n))]
         c.shutdown()
+        for p in left:  # the nodes' workers, should any outlive their raylet
+            try:
+                p.send_signal(signal.SIGKILL)
+            except psutil.Error:
+                pass
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def _listening_beyond_loopback() -> list[tuple[str, int]]:
