@@ -338,8 +338,11 @@ class _Trainer:
         if tc.sample_every_images and _crossed(seen, before, tc.sample_every_images):
             write_sample_grid(self.cfg, self.ema, seen)
         if _crossed(seen, self.last_ckpt, tc.checkpoint_every_images) or done:
-            self.checkpoint()
+            # Logs first: a run killed between the two resumes from this checkpoint with its log
+            # complete (on s3 the log lines are buffered until a flush); killed before the commit,
+            # it replays the steps since the previous one, whose records then appear twice.
             self.logger.flush()
+            self.checkpoint()
             self.last_ckpt = seen
 
     def stop_if_preempted(self) -> None:
