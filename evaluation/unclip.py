@@ -203,8 +203,14 @@ def evaluation_prompts(url: str, max_prompts: int) -> tuple[list[str], dict[str,
     import json
 
     from pipeline.data.reader import read_fields
+    from pipeline.data.shards import read_manifest
 
-    captions = read_fields(url, fields=())["captions"]
+    shards, total = 0, 0  # read only as many shards as hold max_prompts samples
+    for info in read_manifest(url).shards:
+        shards, total = shards + 1, total + info.samples
+        if total >= max_prompts:
+            break
+    captions = read_fields(url, fields=(), max_shards=shards)["captions"]
     prompts = [c for c in captions if c and c.strip()][:max_prompts]
     if not prompts:
         raise ValueError(f"eval.prompts_url: {url!r} has no captions (.txt members); prepare it from a source with "

@@ -255,7 +255,7 @@ class EvalConfig(_Section):
     clip_model: str | None = None  # the embedder of the data (dataset.json 'embedder'), e.g. shapes-tiny
     clip_weights: str | None = None  # its local (or s3://) weights file
     prompts_url: str | None = None  # a dataset with captions; None: reference_url, else data.url
-    prompts_max: int = Field(1000, ge=1)
+    prompts_max: int = Field(1000, ge=1)  # the non-empty captions of the first prompts_max samples
     # Continuous-time samplers: 'pc' Langevin corrector signal-to-noise ratio and steps (Song et al.
     # 2021: 0.16 and 1 for CIFAR-10), 'ode' solver tolerance, 'langevin' step size (NCSN eps).
     snr: float = Field(0.16, gt=0)

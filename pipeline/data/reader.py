@@ -754,17 +754,19 @@ def iter_dataset(
 
 def read_fields(
     url: str, fields: tuple[str, ...] = ("clip_img", "clip_txt"), settings: storage.S3Settings | None = None,
+    max_shards: int | None = None,
 ) -> dict[str, Any]:
     """Every sample's key, label, caption and ``fields`` vectors, in manifest order, without decoding
     images: ``{"keys": [...], "labels": int64 (N,), "captions": [str | None], field: float32 (N, d)}``.
-    For held-out evaluation of embeddings (the prior's baselines, retrieval)."""
+    For held-out evaluation of embeddings (the prior's baselines, retrieval). ``max_shards``: only the
+    first shards of the manifest."""
     manifest = read_manifest(url, settings)
     dim = check_fields(manifest, tuple(fields))
     keys: list[str] = []
     labels: list[int] = []
     captions: list[str | None] = []
     vectors: dict[str, list[np.ndarray]] = {f: [] for f in fields}
-    for i, info in enumerate(manifest.shards):
+    for i, info in enumerate(manifest.shards[:max_shards]):
         shard_url, result, count = manifest.shard_url(i), ShardRead(), 0
         for sample in iter_shard_samples(shard_url, settings, result):
             sample["__url__"] = shard_url
