@@ -31,7 +31,7 @@ demo: $(STAMP)
 # Two pytest workers (pytest-xdist): most tests wait on Ray, S3 or subprocesses, and every fixture
 # (SeaweedFS, Ray, ports) is per worker, so two share the 2-core CI machine well.
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 tests
+	$(PY) -m pytest -q -n 2 --dist worksteal --durations=25 tests
 
 lint: $(STAMP)
 	$(PY) -m ruff check --select F pipeline evaluation launch tests benchmarks

@@ -276,10 +276,13 @@ def draw(pair: Pair, n: int, seed0: int, **kw) -> torch.Tensor:
 
 
 # Objectives conditioned on an input the 2-D mixture does not have (the upsampler's low-resolution
-# image, the representation model's code). Their views wrap the ddpm objective's DiscreteView, so
-# their samplers run the same code as the ddpm pairs above; their conditioning is tested in
-# tests/test_cascade.py and tests/test_representation.py.
-CONDITIONED = {"upsampler", "representation"}
+# image, the representation model's code, unCLIP's CLIP embeddings). Their views are the ddpm
+# objective's DiscreteView (the unCLIP prior's with x0 prediction and the fixed-small variance; x0
+# prediction against the oracle: tests/test_samplers_oracle.py), so their samplers run the same code
+# as the ddpm pairs above; their
+# conditioning is tested in tests/test_cascade.py, tests/test_representation.py and
+# tests/test_unclip.py (the decoder at w = 0 / -1 exactly; the prior against its baselines).
+CONDITIONED = {"upsampler", "representation", "unclip_prior", "unclip_decoder"}
 
 
 def test_the_pairs_are_every_pair_the_registry_allows():
