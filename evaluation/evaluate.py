@@ -66,16 +66,18 @@ def default_name(cfg: EvalConfig, ema_rate: float | None, posthoc_sigma: float |
     guidance += f"-cls{cfg.classifier_scale:g}" if cfg.classifier_scale else ""
     guidance += f"-class{cfg.class_label}" if cfg.class_label is not None else ""
     ema = f"phema{posthoc_sigma:g}" if posthoc_sigma is not None else f"ema{ema_rate:g}"
-    cascade = ""
-    if cfg.upsampler_run:  # a short hash of the second stage's settings
-        fields = [cfg.upsampler_run, cfg.upsampler_checkpoint, cfg.upsampler_ema_rate, cfg.upsampler_sampler,
-                  cfg.upsampler_steps, cfg.upsampler_noise_level]
-        cascade = "-up" + hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:8]
-    if cfg.prior_run:  # unCLIP: a short hash of the prior, CLIP and prompt settings
-        fields = [cfg.prior_run, cfg.prior_checkpoint, cfg.prior_steps, cfg.prior_guidance_scale, cfg.clip_model,
-                  cfg.clip_weights, cfg.prompts_url, cfg.prompts_max]
-        cascade = "-prior" + hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:8] + cascade
-    return f"{cfg.sampler}{cfg.steps}{eta}{guidance}-n{cfg.num_samples}-{ema}-seed{cfg.seed}{cascade}"
+    stages = ""  # short hashes of the unCLIP prior's and the cascade's second stage's settings
+    if cfg.prior_run:
+        stages += "-prior" + _short_hash([cfg.prior_run, cfg.prior_checkpoint, cfg.prior_steps, cfg.prior_guidance_scale,
+                                          cfg.clip_model, cfg.clip_weights, cfg.prompts_url, cfg.prompts_max])
+    if cfg.upsampler_run:
+        stages += "-up" + _short_hash([cfg.upsampler_run, cfg.upsampler_checkpoint, cfg.upsampler_ema_rate,
+                                       cfg.upsampler_sampler, cfg.upsampler_steps, cfg.upsampler_noise_level])
+    return f"{cfg.sampler}{cfg.steps}{eta}{guidance}-n{cfg.num_samples}-{ema}-seed{cfg.seed}{stages}"
+
+
+def _short_hash(fields: list[Any]) -> str:
+    return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:8]
 
 
 def sampler_settings(cfg: EvalConfig) -> SamplerSettings:
@@ -301,14 +303,23 @@ def _unclip(cfg: ExperimentConfig, run_url: str, images_seen: int, ema_rate: flo
     return builder, record, prompts, embedder
 
 
-def _cascade(cfg: ExperimentConfig, base: Callable, device: str) -> tuple[Callable, dict[str, Any]]:
-    """The first stage's builder wrapped by the configured upsampler, and the upsampler's provenance."""
-    from evaluation.cascade import CascadeSampleFn, resolve_upsampler
+def upsampler_parts(cfg: ExperimentConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the reference the workers load, the provenance) of ``eval.upsampler_run``, checked against the
+    first stage of ``cfg``; ValueError when it does not fit."""
+    from evaluation.cascade import resolve_upsampler
 
     ev = cfg.eval
-    ref, record = resolve_upsampler(ev.upsampler_run, ev.upsampler_checkpoint, ev.upsampler_ema_rate,
-                                    resolve_model_resolution(cfg), resolve_model_classes(cfg), sampler=ev.upsampler_sampler,
-                                    steps=ev.upsampler_steps, noise_level=ev.upsampler_noise_level)
+    return resolve_upsampler(ev.upsampler_run, ev.upsampler_checkpoint, ev.upsampler_ema_rate,
+                             resolve_model_resolution(cfg), resolve_model_classes(cfg), sampler=ev.upsampler_sampler,
+                             steps=ev.upsampler_steps, noise_level=ev.upsampler_noise_level)
+
+
+def _cascade(cfg: ExperimentConfig, base: Callable, device: str) -> tuple[Callable, dict[str, Any]]:
+    """The first stage's builder wrapped by the configured upsampler, and the upsampler's provenance."""
+    from evaluation.cascade import CascadeSampleFn
+
+    ev = cfg.eval
+    ref, record = upsampler_parts(cfg)
     builder = CascadeSampleFn(base, ref, ev.upsampler_sampler, ev.upsampler_steps, ev.upsampler_noise_level,
                               ev.batch_size, device)
     return builder, record

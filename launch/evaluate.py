@@ -181,18 +181,15 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--seeds: not allowed with --watch, --seed or --posthoc-sigma")
         if not args.watch and not sigmas:
             resolve_checkpoint(args.run, args.checkpoint)  # a wrong --checkpoint fails before Ray starts
-        if cfg.eval.prior_run:  # a prior, CLIP model or prompt set that does not fit fails before Ray starts
+        # a prior, CLIP model, prompt set or second stage that does not fit fails before Ray starts
+        if cfg.eval.prior_run:
             from evaluation.evaluate import unclip_parts
 
             unclip_parts(cfg)
-        if cfg.eval.upsampler_run:  # a second stage that does not fit fails before Ray starts
-            from evaluation.cascade import resolve_upsampler
-            from evaluation.evaluate import resolve_model_classes, resolve_model_resolution
+        if cfg.eval.upsampler_run:
+            from evaluation.evaluate import upsampler_parts
 
-            ev = cfg.eval
-            resolve_upsampler(ev.upsampler_run, ev.upsampler_checkpoint, ev.upsampler_ema_rate,
-                              resolve_model_resolution(cfg), resolve_model_classes(cfg), sampler=ev.upsampler_sampler,
-                              steps=ev.upsampler_steps, noise_level=ev.upsampler_noise_level)
+            upsampler_parts(cfg)
         init_ray(cfg, address=args.address)
         if sigmas:
             results, plot = evaluate_posthoc_sweep(cfg, args.run, sigmas, args.checkpoint, progress=progress)

@@ -27,6 +27,8 @@ import math
 import sys
 from dataclasses import dataclass
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import ray.cloudpickle
@@ -89,16 +91,20 @@ def ray_session():
         ray.shutdown()
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
+def _mixture_shards(root: Path, n: int, seed: int, shard_size: int):
+    """(shards of n quantised draws of the mixture as SIZE x SIZE RGB images, the uint8 images)."""
     from pipeline.data.prepare import prepare_dataset
 
-    root = tmp_path_factory.mktemp("mixture")
-    x, _ = mixture().sample(N, generator=torch.Generator().manual_seed(0))
-    images = torch.round((x.clamp(-1, 1) + 1) * 127.5).to(torch.uint8).reshape(N, 3, SIZE, SIZE).permute(0, 2, 3, 1)
+    x, _ = mixture().sample(n, generator=torch.Generator().manual_seed(seed))
+    images = torch.round((x.clamp(-1, 1) + 1) * 127.5).to(torch.uint8).reshape(n, 3, SIZE, SIZE).permute(0, 2, 3, 1)
     np.savez(root / "mixture.npz", arr_0=images.numpy())
-    prepare_dataset(str(root / "mixture.npz"), str(root / "shards"), shard_size=16, workers=0, progress=False)
+    prepare_dataset(str(root / "mixture.npz"), str(root / "shards"), shard_size=shard_size, workers=0, progress=False)
     return root / "shards", images
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return _mixture_shards(tmp_path_factory.mktemp("mixture"), N, seed=0, shard_size=16)
 
 
 def exact_bpd(images: torch.Tensor, gm: GaussianMixture, draws: int = 64) -> torch.Tensor:
@@ -163,14 +169,7 @@ N_VDM, BATCH_VDM = 16384, 256
 
 @pytest.fixture(scope="module")
 def vdm_dataset(tmp_path_factory):
-    from pipeline.data.prepare import prepare_dataset
-
-    root = tmp_path_factory.mktemp("mixture_vdm")
-    x, _ = mixture().sample(N_VDM, generator=torch.Generator().manual_seed(5))
-    images = torch.round((x.clamp(-1, 1) + 1) * 127.5).to(torch.uint8).reshape(N_VDM, 3, SIZE, SIZE).permute(0, 2, 3, 1)
-    np.savez(root / "mixture.npz", arr_0=images.numpy())
-    prepare_dataset(str(root / "mixture.npz"), str(root / "shards"), shard_size=4096, workers=0, progress=False)
-    return root / "shards", images
+    return _mixture_shards(tmp_path_factory.mktemp("mixture_vdm"), N_VDM, seed=5, shard_size=4096)
 
 
 def vdm_expected_bpd(images: torch.Tensor, gm: GaussianMixture, draws: int = 4) -> torch.Tensor:

@@ -309,15 +309,21 @@ def test_load_ema_weights_match_a_network_and_reject_bad_requests(reference_run,
         load_ema_weights(str(tmp_path))
 
 
-def test_non_finite_losses_stop_the_run_and_keep_the_last_good_checkpoint(reference_run, dataset, tmp_path):
+def _copy_with_nan_checkpoint_64(reference_run, tmp_path) -> Path:
+    """The reference run, its checkpoint 64 a diverged model: NaN weights in the file that resume loads
+    (ZeRO-0 keeps them there)."""
     run = tmp_path / "run"
     shutil.copytree(reference_run, run)
-    # A diverged model: NaN weights in the checkpoint that resume loads (ZeRO-0 keeps them there).
     path = run / "checkpoints/000000000064/state/mp_rank_00_model_states.pt"
     state = torch.load(path, map_location="cpu", weights_only=False)
     for v in state["module"].values():
         v.fill_(float("nan"))
     torch.save(state, path)
+    return run
+
+
+def test_non_finite_losses_stop_the_run_and_keep_the_last_good_checkpoint(reference_run, dataset, tmp_path):
+    run = _copy_with_nan_checkpoint_64(reference_run, tmp_path)
     proc = _train_subprocess([*TINY, f"data.url={dataset}", f"train.run_dir={run}", "train.zero_stage=0",
                               "train.grad_accum=1", "train.micro_batch=4", "train.total_images=200",
                               "train.checkpoint_every_images=400", "train.max_consecutive_nonfinite=3",
@@ -335,13 +341,7 @@ def test_non_finite_streak_rolls_back_and_skips_the_data_stretch(reference_run, 
     read during the streak skipped, not replayed."""
     import math
 
-    run = tmp_path / "run"
-    shutil.copytree(reference_run, run)
-    path = run / "checkpoints/000000000064/state/mp_rank_00_model_states.pt"
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    for v in state["module"].values():
-        v.fill_(float("nan"))
-    torch.save(state, path)
+    run = _copy_with_nan_checkpoint_64(reference_run, tmp_path)
     # train.resume=64 names the checkpoint without a checksum check; the rollback target must pass it.
     out = _ok(_train_subprocess([*TINY, f"data.url={dataset}", f"train.run_dir={run}", "train.zero_stage=0",
                                  "train.grad_accum=1", "train.micro_batch=4", "train.total_images=96",

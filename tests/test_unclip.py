@@ -219,16 +219,6 @@ RUNS = {
                                       f"attention_resolutions: [4], norm_groups: 4, cond_embed_dim: {CLIP_DIM}}}"),
                 "diffusion.objective=unclip_decoder", "diffusion.timesteps=100", "data.fields=[clip_img]"],
 }
-TRAIN_CODE = r"""
-import json, sys, torch
-torch.set_num_threads(1)
-from pipeline.config import load_config
-from pipeline.train.loop import train
-base, runs, root = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
-for name, extra in runs.items():
-    summary = train(load_config(None, [*base, f"train.run_dir={root}/{name}", *extra]))
-    print("RESULT", json.dumps({"name": name, "images": summary["images_seen"]}), flush=True)
-"""
 
 
 def _random_clip(name: str, path: Path) -> str:
@@ -246,6 +236,8 @@ def _random_clip(name: str, path: Path) -> str:
 def exported(tmp_path_factory):
     """A prior and a decoder trained 16 images each on CLIP-embedded builtin shards (a random shapes-micro CLIP),
     then exported: (root, exports, clip weights)."""
+    from test_objectives_integration import TRAIN_CODE  # trains each run of RUNS in one process
+
     from launch import export as export_cli
     from pipeline.data.prepare import EmbedSpec, prepare_dataset
 

@@ -227,8 +227,8 @@ class _Trainer:
             gen = torch.Generator(device=self.device).manual_seed(
                 stream_seed(tc.seed, self.rank, self.images_seen, micro))
             y = model_labels(labels.to(self.device), self.num_classes, self.cfg.diffusion.label_dropout, gen)
-            with self.autocast:  # cond only when the data has fields: objectives without them take no cond=
-                out = engine(x0, y, gen, cond=cond) if cond else engine(x0, y, gen)
+            with self.autocast:  # TrainModule passes cond on only when the data has fields
+                out = engine(x0, y, gen, cond=cond)
             losses = out.loss.float()
             weighted = losses * out.weight if out.weight is not None else losses
             loss = weighted.mean()

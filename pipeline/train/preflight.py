@@ -151,16 +151,11 @@ def check_fields(cfg: ExperimentConfig, manifest: Any, net_config: Any) -> None:
 
 
 def check_objective_takes_cond(cfg: ExperimentConfig) -> None:
-    """With ``data.fields`` the loop passes them as ``training_loss(..., cond=)``: the objective must take it."""
-    import inspect
+    """With ``data.fields`` the loop passes them as ``training_loss(..., cond=)``: the objective must take
+    it, i.e. declare ``cond_fields`` in the registry."""
+    from pipeline.diffusion.registry import OBJECTIVES
 
-    from pipeline.diffusion.registry import build_objective
-
-    try:
-        objective = build_objective(cfg.diffusion.objective, cfg.diffusion.objective_options())
-    except (TypeError, ValueError):
-        return  # the config's own validation reports a bad objective
-    if "cond" not in inspect.signature(objective.training_loss).parameters:
+    if not OBJECTIVES[cfg.diffusion.objective].cond_fields:
         raise PreflightError(
             f"data.fields: {list(cfg.data.fields)!r} is not allowed with diffusion.objective="
             f"{cfg.diffusion.objective!r}: it takes no per-sample conditioning (no cond= in its training_loss); "
