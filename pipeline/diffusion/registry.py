@@ -20,14 +20,16 @@ objectives and samplers are written out; config choices and CLI help are generat
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import functools
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import Tensor, nn
 
 from .fast_samplers import ddim_sigma_sample, dpm_solver_pp_2m_sample, edm_heun_sample, euler_sample
@@ -36,7 +38,7 @@ from .inpainting import inpaint_sample
 from .likelihood import vlb_bits_per_dim
 from .ncsn import NCSNObjective, annealed_langevin_sample, ncsn_sigmas
 from .objectives import ClassifierObjective, DDPMObjective
-from .representation import CodeView, ConvEncoder, RepresentationObjective
+from .representation import CodeHead, CodeView, ConvEncoder, RepresentationObjective, SDECodeView, ddpm_time_input
 from .samplers import ddim_sample, ddpm_sample, noise_from_seeds
 from .schedules import respace
 from .unclip import CLIP_IMAGE, CLIP_TEXT, UnclipDecoderObjective, UnclipPriorObjective
@@ -98,6 +100,9 @@ class DDPMOptions(Options):
     importance_sampling: bool = False
 
 
+_DDPM_FIELDS = tuple(DDPMOptions.model_fields)
+
+
 class UpsamplerOptions(DDPMOptions):
     """ADM-U super-resolution: a DDPM-family model of x given its low-resolution version (the DDPM
     settings are the diffusion section's fields; these in ``diffusion.options``)."""
@@ -154,14 +159,42 @@ class VDMOptions(Options):
 
 
 class RepresentationOptions(DDPMOptions):
-    """Diffusion-based representation learning (Abstreiter et al. 2021) on the DDPM objective: the DDPM
-    fields above, plus the encoder E_phi (code dimension d = the network's ``cond_embed_dim``) and the
-    L1 weight on its code."""
+    """Diffusion-based representation learning (Abstreiter et al. 2021) on a base objective: the DDPM
+    fields above (base 'ddpm'), or a score SDE's options in ``base_options`` (base 'vp_sde',
+    'subvp_sde', 've_sde', validated by that objective's options); plus the encoder E_phi (code
+    dimension d = the network's ``cond_embed_dim``) and the weight of its regulariser."""
 
     code_dim: int = Field(16, ge=1)  # d; the model needs cond_embed_dim = d
-    lambda_z: float = Field(1e-4, ge=0.0)  # weight of ||z||_1 per example
+    lambda_z: float = Field(1e-4, ge=0.0)  # weight of ||z||_1 (or of the KL for encoder 'gaussian') per example
     image_channels: int = Field(3, ge=1)  # the encoder's input channels (the data's)
     encoder_channels: int = Field(32, ge=1)  # width of the first conv layer (then 2x)
+    base: Literal["ddpm", "vp_sde", "subvp_sde", "ve_sde"] = "ddpm"  # the denoising objective z conditions
+    base_options: dict[str, Any] = Field(default_factory=dict)  # an SDE base's diffusion.options
+    time_dependent: bool = False  # E_phi(x0, t): the code also sees the network's time input (sec. 3.2)
+    encoder: Literal["deterministic", "gaussian"] = "deterministic"  # gaussian: q(z|x0) with lambda_z KL
+
+    @model_validator(mode="after")
+    def _base_settings(self) -> RepresentationOptions:
+        # messages start with the key they are about (``_validate`` prefixes diffusion.options.)
+        if self.base == "ddpm":
+            if self.base_options:
+                raise ValueError(f"base_options: {dict(self.base_options)!r} is not allowed with base 'ddpm'; "
+                                 f"its settings are the fields {', '.join(_DDPM_FIELDS)} of diffusion.options")
+            return self
+        changed = [k for k in _DDPM_FIELDS if getattr(self, k) != DDPMOptions.model_fields[k].default]
+        if changed:
+            allowed = ", ".join(sorted(OBJECTIVES[self.base].options.model_fields))
+            raise ValueError(f"{changed[0]}: not allowed with base {self.base!r} (DDPM settings given: "
+                             f"{', '.join(changed)}); the base's settings go in diffusion.options.base_options "
+                             f"(allowed keys: {allowed})")
+        _validate(OBJECTIVES[self.base].options, dict(self.base_options), "base_options")
+        return self
+
+    def base_typed(self) -> Options:
+        """The base objective's typed options."""
+        if self.base == "ddpm":
+            return DDPMOptions(**{k: getattr(self, k) for k in _DDPM_FIELDS})
+        return OBJECTIVES[self.base].options.model_validate(dict(self.base_options))
 
 
 class UnclipPriorOptions(Options):
@@ -238,6 +271,9 @@ class ObjectiveSpec:
     # per-sample extras the training loss needs from the data (a batch's ``extras``, data.fields); () for none
     cond_fields: tuple[str, ...] = ()
     images: bool = True  # False: the model generates vectors (embeddings), not images
+    # typed options -> this spec with the view, samplers and default of the family a model with those
+    # options is sampled in (representation learning on an SDE base); None: the same for all options
+    family: Callable[[Any], ObjectiveSpec] | None = None
 
     @property
     def generative(self) -> bool:
@@ -249,8 +285,16 @@ class ObjectiveSpec:
 
     @property
     def default_sampler(self) -> str | None:
-        fits = samplers_for(self.name)
+        """The default sampler (of the family with default options; :meth:`for_options` for a model's own)."""
+        fits = _fits(self)
         return self.default or (fits[0] if fits else None)
+
+    def for_options(self, options: Any = None) -> ObjectiveSpec:
+        """This spec as a model with ``options`` (typed, or the ``diffusion.options`` mapping) is sampled."""
+        if self.family is None or options is None:
+            return self
+        typed = options if isinstance(options, self.options) else objective_options(self.name, options)
+        return self.family(typed)
 
     def has_parameters(self, options: Any) -> bool:
         with torch.random.fork_rng(devices=[]):
@@ -324,16 +368,33 @@ def vdm_bpd(view: VDMView, x0: Tensor, y: Tensor | None, seeds: Tensor) -> Tenso
         return view.objective.terms(view.net, x0, y, generator=_seeded(x0, seeds)).bpd
 
 
-_DDPM_FIELDS = tuple(DDPMOptions.model_fields)
-
-
 def _representation(o: RepresentationOptions) -> RepresentationObjective:
-    base = DDPMObjective(**{k: getattr(o, k) for k in _DDPM_FIELDS})
-    return RepresentationObjective(base, ConvEncoder(o.image_channels, o.code_dim, o.encoder_channels), o.lambda_z)
+    base = OBJECTIVES[o.base].build(o.base_typed())
+    if o.time_dependent or o.encoder == "gaussian":  # E_phi(x0[, t]) = a head on the conv features
+        width = 2 * o.encoder_channels
+        encoder = CodeHead(ConvEncoder(o.image_channels, width, o.encoder_channels), width, o.code_dim,
+                           time_dependent=o.time_dependent, gaussian=o.encoder == "gaussian")
+    else:
+        encoder = ConvEncoder(o.image_channels, o.code_dim, o.encoder_channels)
+    time_input = (functools.partial(ddpm_time_input, o.timesteps) if o.base == "ddpm"
+                  else base.sde.noise_input)  # diffusion time in [0, 1] -> what the network is given
+    return RepresentationObjective(base, encoder, o.lambda_z, time_input)
 
 
-def _code_view(net, obj: RepresentationObjective, o: RepresentationOptions) -> CodeView:
-    return CodeView(net, obj.schedule, o.parameterization, o.variance, obj.encoder)
+def _code_view(net, obj: RepresentationObjective, o: RepresentationOptions) -> CodeView | SDECodeView:
+    if o.base == "ddpm":
+        return CodeView(net, obj.schedule, o.parameterization, o.variance, obj.encoder, o.time_dependent)
+    return SDECodeView(net, obj.base, encoder=obj.encoder, time_dependent=o.time_dependent)
+
+
+def _representation_family(o: RepresentationOptions) -> ObjectiveSpec:
+    """A representation model samples in its base's family: CodeView (DDPM) or SDECodeView (score SDEs)."""
+    spec = OBJECTIVES["representation"]
+    if o.base == "ddpm":
+        return spec
+    base = OBJECTIVES[o.base]
+    return dataclasses.replace(spec, view_type=SDECodeView, samplers=base.samplers, default=base.default,
+                               family=None)
 
 
 def _unclip_decoder(o: UnclipDecoderOptions) -> UnclipDecoderObjective:
@@ -368,9 +429,11 @@ OBJECTIVES: dict[str, ObjectiveSpec] = {
             lambda net, obj, o: DiscreteView(obj.bind(net), obj.schedule, o.parameterization, o.variance),
             DiscreteView, samplers=("ddpm", "ddim"), default="ddim", top_level=_DDPM_FIELDS),
         ObjectiveSpec(
-            "representation", "diffusion-based representation learning (Abstreiter et al. 2021): DDPM with the "
-            "network conditioned on a learned encoder's code z (cond_embed_dim = code_dim), plus lambda_z ||z||_1",
-            RepresentationOptions, _representation, _code_view, CodeView, samplers=("ddpm", "ddim"), default="ddim"),
+            "representation", "diffusion-based representation learning (Abstreiter et al. 2021): DDPM or a score "
+            "SDE (base) with the network conditioned on a learned encoder's code z (cond_embed_dim = code_dim), plus "
+            "lambda_z ||z||_1 (or lambda_z KL for a Gaussian encoder); optionally a time-dependent code",
+            RepresentationOptions, _representation, _code_view, CodeView, samplers=("ddpm", "ddim"), default="ddim",
+            family=_representation_family),
         ObjectiveSpec(
             "unclip_prior", "unCLIP diffusion prior (DALL-E 2 sec. 2.2): a causal Transformer predicting the CLIP "
             "image embedding from the text embedding (model.preset prior_*)",
@@ -485,9 +548,10 @@ def steps_used(objective: str, options: Any, sampler: str, steps: int) -> int:
     """How many steps ``sample(..., sampler, steps=steps)`` takes on a model of ``objective``: fewer than
     ``steps`` where Karras levels snapped to a discrete schedule's trained levels coincide."""
     spec = objective_spec(objective)
+    typed = options if isinstance(options, spec.options) else objective_options(objective, None, options)
+    spec = spec.for_options(typed)
     if not (sampler_spec(sampler).karras and spec.view_type is not None and issubclass(spec.view_type, DiscreteView)):
         return int(steps)
-    typed = options if isinstance(options, spec.options) else objective_options(objective, None, options)
     with torch.random.fork_rng(devices=[]):  # an encoder's initialisation must not move the global stream
         view = make_view(objective, None, build_objective(objective, typed), typed)
     return len(view.karras(steps)) - 1
@@ -564,15 +628,19 @@ def sampler_spec(name: str) -> SamplerSpec:
     return SAMPLERS[name]
 
 
-def samplers_for(objective: str) -> tuple[str, ...]:
-    """The samplers that fit an objective: its own first (the first is its default), then every other
-    sampler that can drive its view (e.g. the sigma-space samplers)."""
-    spec = objective_spec(objective)
+def _fits(spec: ObjectiveSpec) -> tuple[str, ...]:
     if spec.view_type is None:
         return ()
     others = [s.name for s in SAMPLERS.values()
               if s.name not in spec.samplers and issubclass(spec.view_type, s.accepts)]
     return (*spec.samplers, *others)
+
+
+def samplers_for(objective: str, options: Any = None) -> tuple[str, ...]:
+    """The samplers that fit an objective: its own first (the first is its default), then every other
+    sampler that can drive its view (e.g. the sigma-space samplers). ``options`` (typed, or the
+    ``diffusion.options`` mapping): a model's own options, where they choose its sampling family."""
+    return _fits(objective_spec(objective).for_options(options))
 
 
 def _validate(model: type[Options], values: dict[str, Any], where: str) -> Any:
@@ -583,7 +651,9 @@ def _validate(model: type[Options], values: dict[str, Any], where: str) -> Any:
         lines = []
         for item in err.errors():
             key = ".".join(str(p) for p in item["loc"])
-            if item["type"] == "extra_forbidden":
+            if not key:  # a check across fields: its message starts with the key it is about
+                lines.append(f"{where}.{item['msg'].removeprefix('Value error, ')}")
+            elif item["type"] == "extra_forbidden":
                 hint = difflib.get_close_matches(key, allowed, n=1)
                 extra = f" (did you mean '{hint[0]}'?)" if hint else ""
                 lines.append(f"{where}.{key}: unknown key{extra}; allowed keys: {', '.join(allowed)}")
@@ -635,14 +705,16 @@ def sampler_options(name: str, values: dict[str, Any] | None = None) -> Any:
     return _validate(model, {k: v for k, v in (values or {}).items() if k in model.model_fields}, "sampler")
 
 
-def check_sampler_fits(objective: str, sampler: str, *, classifier: bool = False, inpainting: bool = False) -> None:
-    """ValueError unless ``sampler`` can sample a model of ``objective`` (with the guidance asked for)."""
-    spec = objective_spec(objective)
+def check_sampler_fits(objective: str, sampler: str, *, classifier: bool = False, inpainting: bool = False,
+                       options: Any = None) -> None:
+    """ValueError unless ``sampler`` can sample a model of ``objective`` (with the guidance asked for);
+    ``options``: the model's own (typed, or the ``diffusion.options`` mapping), see :func:`samplers_for`."""
+    spec = objective_spec(objective).for_options(options)
     if not spec.generative:
         generative = ", ".join(n for n, s in OBJECTIVES.items() if s.generative)
         raise ValueError(f"diffusion.objective: {objective!r} has no sampler (it is not a generative model); "
                          f"objectives with samplers: {generative}")
-    fits = samplers_for(objective)
+    fits = _fits(spec)
     if sampler not in fits:
         if sampler not in SAMPLERS:
             raise _unknown("sampler", sampler, list(SAMPLERS))
