@@ -112,8 +112,10 @@ def _diffusion(diffusion: Any) -> DiffusionConfig:
     return DiffusionConfig.model_validate(dict(diffusion))
 
 
-def check_sampler(objective: str, settings: SamplerSettings, *, has_classifier: bool = False) -> None:
-    """ValueError unless ``settings`` fit a model trained with ``objective``."""
+def check_sampler(objective: str, settings: SamplerSettings, *, has_classifier: bool = False,
+                  options: Any = None) -> None:
+    """ValueError unless ``settings`` fit a model trained with ``objective`` (and its ``options``, typed or
+    the ``diffusion.options`` mapping, where they choose the sampling family)."""
     spec = registry.objective_spec(objective)
     if spec.generative and not spec.images:
         raise ValueError(f"objective: {objective!r} generates embeddings, not images; it has no image samples or image "
@@ -122,7 +124,7 @@ def check_sampler(objective: str, settings: SamplerSettings, *, has_classifier: 
         raise ValueError(f"classifier_scale: {settings.classifier_scale} needs a noisy classifier "
                          "(eval.classifier_run / --classifier-run)")
     registry.check_sampler_fits(objective, settings.sampler,
-                                classifier=bool(has_classifier and settings.classifier_scale))
+                                classifier=bool(has_classifier and settings.classifier_scale), options=options)
 
 
 def make_sample_fn(
@@ -152,7 +154,7 @@ def make_sample_fn(
                      "parameterization": parameterization, "variance": variance}
     d = _diffusion(diffusion)
     options = d.objective_options()
-    check_sampler(d.objective, settings, has_classifier=classifier is not None)
+    check_sampler(d.objective, settings, has_classifier=classifier is not None, options=options)
     config = model.config
     num_classes = int(getattr(config, "num_classes", 0) or 0)
     if settings.guidance_scale and not num_classes:
@@ -297,7 +299,8 @@ class CheckpointSampleFn:
 
     def __post_init__(self) -> None:
         check_sampler(self.diffusion["objective"], self.settings,
-                      has_classifier=self.classifier is not None and bool(self.settings.classifier_scale))
+                      has_classifier=self.classifier is not None and bool(self.settings.classifier_scale),
+                      options=self.diffusion.get("options"))
 
     def __call__(self):
         if self.posthoc_sigma is not None:

@@ -164,8 +164,9 @@ def linear_probe(encoder: nn.Module, dataset_url: str, *, max_images: int = 2000
     return out
 
 
-def encoder_of(objective: nn.Module, objective_name: str) -> nn.Module:
-    """The encoder E_phi of a representation model's objective module (ValueError for other objectives)."""
+def encoder_of(objective: nn.Module, objective_name: str, t: float | None = None) -> nn.Module:
+    """The encoder E_phi of a representation model's objective module as a function of x0 alone: a
+    time-dependent encoder E_phi(x0, t) at diffusion time ``t`` in [0, 1] (ValueError for other objectives)."""
     encoder = getattr(objective, "encoder", None)
     if not isinstance(encoder, nn.Module):
         from pipeline.diffusion.registry import OBJECTIVES
@@ -173,18 +174,33 @@ def encoder_of(objective: nn.Module, objective_name: str) -> nn.Module:
         with_encoder = [n for n, s in OBJECTIVES.items() if s.view_type is not None and hasattr(s.view_type, "encode")]
         raise ValueError(f"eval.metrics: 'probe' is not allowed for objective {objective_name!r}, which has no "
                          f"encoder; allowed for: {', '.join(with_encoder)}")
+    if getattr(objective, "time_dependent", False):
+        if t is None:
+            raise ValueError("eval.probe_t: None is not allowed for a time-dependent encoder; it needs a time in [0, 1]")
+        return objective.encoder_at(t)
     return encoder
 
 
 def probe_checkpoint(cfg, run_url: str, checkpoint: int, ema_rate: float | None) -> dict[str, Any]:
     """:func:`linear_probe` of the EMA encoder of a committed checkpoint, as ``cfg.eval`` configures it,
-    on images at the model's resolution (as training saw them)."""
+    on images at the model's resolution (as training saw them).
+
+    A time-dependent encoder E_phi(x0, t) is probed at one diffusion time, ``eval.probe_t`` (mapped to
+    the network's time input as in training: the DDPM timestep round(t (T - 1)), or the SDE's
+    noise input at t); it is recorded as ``probe_t``. The paper (Abstreiter et al. 2021, sec. 4)
+    fixes no single t for its time-dependent code: it reads the code along the trajectory and
+    reports how the classifier's accuracy varies with t, so t is a per-run choice here (default
+    0.5, mid-trajectory). A Gaussian encoder is probed by its mean mu.
+    """
     from pipeline.loading import load_checkpoint_model
 
     ev = cfg.eval
     device = "cuda" if ev.gpus_per_worker > 0 and torch.cuda.is_available() else "cpu"
     model = load_checkpoint_model(run_url, checkpoint, ema_rate, config=cfg, device=device)
-    encoder = encoder_of(model.objective, cfg.diffusion.objective)
-    return linear_probe(encoder, ev.probe_url or cfg.data.url, max_images=ev.probe_max_images, seed=ev.seed,
-                        test_fraction=ev.probe_test_fraction, resolution=int(model.network.config.image_size),
-                        batch_size=ev.batch_size)
+    encoder = encoder_of(model.objective, cfg.diffusion.objective, ev.probe_t)
+    out = linear_probe(encoder, ev.probe_url or cfg.data.url, max_images=ev.probe_max_images, seed=ev.seed,
+                       test_fraction=ev.probe_test_fraction, resolution=int(model.network.config.image_size),
+                       batch_size=ev.batch_size)
+    if getattr(model.objective, "time_dependent", False):
+        out["probe_t"] = float(ev.probe_t)
+    return out

@@ -134,7 +134,7 @@ class ModelInfo:
     @classmethod
     def from_document(cls, doc: dict[str, Any]) -> ModelInfo:
         from evaluation.model_sampling import OBJECTIVE_SAMPLERS
-        from pipeline.diffusion.registry import DEFAULT_OBJECTIVE, OBJECTIVES
+        from pipeline.diffusion.registry import DEFAULT_OBJECTIVE, OBJECTIVES, samplers_for
 
         objective = str(doc["diffusion"].get("objective", DEFAULT_OBJECTIVE))
         if objective not in OBJECTIVE_SAMPLERS:
@@ -143,10 +143,11 @@ class ModelInfo:
                              f"model); objectives that can be served: {allowed}")
         sampling = doc.get("sampling") or {}
         names = doc.get("class_names")
+        options = doc["diffusion"].get("options")  # they may choose the sampling family (a representation base)
         # the same defaults as launch/sample.py
-        return cls(objective, OBJECTIVE_SAMPLERS[objective], int(doc["model"].get("num_classes", 0) or 0),
-                   tuple(names) if names else None,
-                   str(sampling.get("sampler") or OBJECTIVES[objective].default_sampler),
+        return cls(objective, samplers_for(objective, options),
+                   int(doc["model"].get("num_classes", 0) or 0), tuple(names) if names else None,
+                   str(sampling.get("sampler") or OBJECTIVES[objective].for_options(options).default_sampler),
                    int(sampling.get("steps", 50)), float(sampling.get("eta", 0.0)),
                    int(doc["diffusion"].get("timesteps", 0)) if OBJECTIVES[objective].discrete else 0)
 

@@ -271,7 +271,8 @@ def build_sampler(args: argparse.Namespace, device: str):
     loaded = load_model(args.model, device=device)
     config = loaded.config
     defaults = config.sampling
-    default_sampler = defaults.get("sampler") or OBJECTIVES[loaded.diffusion.objective].default_sampler
+    default_sampler = defaults.get("sampler") or OBJECTIVES[loaded.diffusion.objective].for_options(
+        loaded.diffusion.objective_options()).default_sampler
     options = {k: v for k, v in defaults.items()
                if k in SamplerSettings.__dataclass_fields__ and k not in ("sampler", "steps", "eta")}
     settings = SamplerSettings(args.sampler or default_sampler,

@@ -300,6 +300,8 @@ class EvalConfig(_Section):
     probe_url: str | None = None  # None: data.url
     probe_max_images: int = Field(2000, ge=4)
     probe_test_fraction: float = Field(0.5, gt=0.0, lt=1.0)
+    # diffusion time t in [0, 1] at which a time-dependent encoder E_phi(x0, t) is probed (ignored otherwise)
+    probe_t: float = Field(0.5, ge=0.0, le=1.0)
     # Scheduled evaluation.
     poll_s: float = Field(60.0, gt=0)
 

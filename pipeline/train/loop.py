@@ -482,7 +482,8 @@ def _sample_grid(cfg: ExperimentConfig, full: dict[str, torch.Tensor], images_se
     y = torch.tensor([s % num_classes for s in seeds], device=device) if num_classes else None
     shape = (num, data_channels(cfg.diffusion.objective, options, conf.in_channels), conf.image_size, conf.image_size)
     with torch.no_grad():
-        images = sample(view, OBJECTIVES[cfg.diffusion.objective].default_sampler, shape, seeds, steps=steps, y=y,
+        images = sample(view, OBJECTIVES[cfg.diffusion.objective].for_options(options).default_sampler, shape, seeds,
+                        steps=steps, y=y,
                         device=device)
     png = image_grid_png(images, nrow=int(math.sqrt(num)))
     run = RunDir(cfg.train.run_dir)
