@@ -32,8 +32,8 @@ from pipeline.models import build_model
 
 OBJ = "representation"
 D = 8
-TINY = dict(image_size=8, base_channels=8, channel_mult=(1,), attention_resolutions=(), norm_groups=4,
-            cond_embed_dim=D, dropout=0.0)
+TINY = {"image_size": 8, "base_channels": 8, "channel_mult": (1,), "attention_resolutions": (), "norm_groups": 4,
+        "cond_embed_dim": D, "dropout": 0.0}
 SDE_BASES = ("vp_sde", "subvp_sde", "ve_sde")
 # small SDE ranges so a few-step sampler on a random network stays finite
 BASE_OPTIONS = {"vp_sde": {"beta_max": 5.0}, "subvp_sde": {"beta_max": 5.0}, "ve_sde": {"sigma_max": 5.0}}
@@ -102,6 +102,14 @@ def test_sde_base_samples_given_codes_and_images_and_code_zero_is_the_unconditio
     assert OBJECTIVES[OBJ].default_sampler == "ddim" and "pc" not in samplers_for(OBJ)  # the DDPM base's
     with pytest.raises(ValueError, match=r"sampler: 'ddpm' is not allowed for objective 'representation'"):
         check_sampler_fits(OBJ, "ddpm", options={"code_dim": D, "base": base})
+    # the callers that only hold a model's documents follow the base too (launch/serve.py, evaluation jobs)
+    from evaluation.model_sampling import SamplerSettings, check_sampler
+    from evaluation.serving import ModelInfo
+
+    info = ModelInfo.from_document({"diffusion": {"objective": OBJ, "options": {"code_dim": D, "base": base}},
+                                    "model": {}})
+    assert info.samplers == samplers_for(OBJ, options) and info.default_sampler == "pc"
+    check_sampler(OBJ, SamplerSettings(sampler), options={"code_dim": D, "base": base})
     rep = _objective(base=base, base_options=BASE_OPTIONS[base])
     view = make_view(OBJ, _net(), rep, options)
     x0, seeds, shape = _x0(2), [3, 4], (2, 3, 8, 8)
@@ -306,8 +314,8 @@ def test_variant_weights_round_trip_through_the_loader_and_train_the_encoder():
 
     cfg = load_config(None, [f"diffusion.objective={OBJ}", "model.preset=tiny",
                              *[f"model.overrides.{k}={list(v) if isinstance(v, tuple) else v}" for k, v in TINY.items()],
-                             f"diffusion.options={{code_dim: {D}, base: ve_sde, time_dependent: true, "
-                             "encoder: gaussian}"])
+                             (f"diffusion.options={{code_dim: {D}, base: ve_sde, time_dependent: true, "
+                              "encoder: gaussian}")])
     torch.manual_seed(0)
     module = TrainModule(_net(), cfg.diffusion)
     module.objective.training_loss(module.net, _x0(), None, generator=_gen()).loss.mean().backward()
@@ -315,5 +323,6 @@ def test_variant_weights_round_trip_through_the_loader_and_train_the_encoder():
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads.values())
     weights = {k: v.detach().clone() for k, v in module.state_dict().items()}
     net, objective = from_weights(cfg.model, cfg.diffusion, weights, "test")
+    assert all(torch.equal(v, weights[f"net.{k}"]) for k, v in net.state_dict().items())
     t = torch.full((4,), 0.3)
     torch.testing.assert_close(objective.encode(_x0(), t), module.objective.encode(_x0(), t))
