@@ -548,9 +548,11 @@ def steps_used(objective: str, options: Any, sampler: str, steps: int) -> int:
     """How many steps ``sample(..., sampler, steps=steps)`` takes on a model of ``objective``: fewer than
     ``steps`` where Karras levels snapped to a discrete schedule's trained levels coincide."""
     spec = objective_spec(objective)
+    if not sampler_spec(sampler).karras:
+        return int(steps)
     typed = options if isinstance(options, spec.options) else objective_options(objective, None, options)
-    spec = spec.for_options(typed)
-    if not (sampler_spec(sampler).karras and spec.view_type is not None and issubclass(spec.view_type, DiscreteView)):
+    view_type = spec.for_options(typed).view_type
+    if not (view_type is not None and issubclass(view_type, DiscreteView)):
         return int(steps)
     with torch.random.fork_rng(devices=[]):  # an encoder's initialisation must not move the global stream
         view = make_view(objective, None, build_objective(objective, typed), typed)
