@@ -63,7 +63,8 @@ def ddim_sampler() -> str:
 @dataclass(frozen=True)
 class EditModel:
     """A loaded model as the editing functions need it: its sampling view (guidance applied), the
-    objective's name, the image shape (C, H, W), its classes and sampling defaults."""
+    objective's name, the image shape (C, H, W), its classes, sampling defaults and its objective's
+    options (which may choose the samplers that fit it)."""
 
     view: Any
     objective: str
@@ -72,6 +73,7 @@ class EditModel:
     defaults: dict[str, Any]
     device: str
     class_label: int | None = None
+    options: Any = None
 
     def labels(self, seeds: np.ndarray) -> Tensor | None:
         """One label per seed, as plain sampling draws them (fixed ``class_label`` or from the seed)."""
@@ -110,7 +112,7 @@ def load_edit_model(model: str, device: str = "cpu", *, class_label: int | None 
     channels = registry.data_channels(loaded.diffusion.objective, options, int(config.in_channels))
     defaults = dict(getattr(loaded.config, "sampling", None) or {})
     return EditModel(view, loaded.diffusion.objective, (channels, int(config.image_size), int(config.image_size)),
-                     num_classes, defaults, str(device), class_label)
+                     num_classes, defaults, str(device), class_label, options)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,7 +200,7 @@ def row(images: np.ndarray, padding: int = 2) -> np.ndarray:
 
 def check_inpainting(model: EditModel, sampler: str) -> None:
     """ValueError unless ``sampler`` inpaints for the model's objective."""
-    registry.check_sampler_fits(model.objective, sampler, inpainting=True)
+    registry.check_sampler_fits(model.objective, sampler, inpainting=True, options=model.options)
     if isinstance(model.view, VDMView):  # VDM's ancestral sampler takes no known pixels
         raise ValueError(f"--inpaint: objective {model.objective!r} has no inpainting sampler")
 
@@ -238,7 +240,7 @@ def invert(model: EditModel, x0: Tensor, seeds: np.ndarray, *, steps: int) -> Te
 
 def decode(model: EditModel, x_T: Tensor, seeds: np.ndarray, *, steps: int, clip_denoised: bool = False) -> Tensor:
     """DDIM with eta = 0 from the given x_T (B, C, H, W), through ``registry.sample``."""
-    registry.check_sampler_fits(model.objective, ddim_sampler())
+    registry.check_sampler_fits(model.objective, ddim_sampler(), options=model.options)
     options = {"eta": 0.0, "clip_denoised": clip_denoised}
     with torch.no_grad():
         return registry.sample(model.view, ddim_sampler(), tuple(x_T.shape),
@@ -315,7 +317,7 @@ def _inpaint_sampler(model: EditModel, name: str | None) -> str:
     discrete objectives, predictor-corrector for the score SDEs)."""
     if name:
         return name
-    fits = registry.samplers_for(model.objective)
+    fits = registry.samplers_for(model.objective, model.options)
     able = [s for s in fits if registry.SAMPLERS[s].inpainting]
     return able[0] if able else fits[0]  # none: check_inpainting names the problem
 
@@ -326,7 +328,7 @@ def _sampler_options(model: EditModel, sampler: str, args: argparse.Namespace) -
         values["eta"] = args.eta
     if args.resample is not None:
         if "resample" not in registry.SAMPLERS[sampler].options.model_fields:
-            able = [s for s in registry.samplers_for(model.objective) if registry.SAMPLERS[s].inpainting
+            able = [s for s in registry.samplers_for(model.objective, model.options) if registry.SAMPLERS[s].inpainting
                     and "resample" in registry.SAMPLERS[s].options.model_fields]
             raise ValueError(f"--resample: not allowed with sampler {sampler!r} (RePaint resampling is for the "
                              f"discrete samplers); allowed with: {', '.join(able) or '(none for this objective)'}")

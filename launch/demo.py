@@ -118,7 +118,7 @@ def _representation_demo(out: Path) -> None:
     grid = run / "samples" / "reconstruction.png"
     _stage("sample from the codes of 10 held-out images (6 seeds each) + an interpolation",
            ["launch/sample.py", "--model", str(export), "--from-images", str(images), "--num", "6",
-            "--steps", "50", "--interpolate", "8", "--out", str(grid), "--overwrite"])
+            "--steps", "50", "--code-interpolate", "8", "--out", str(grid), "--overwrite"])
     metrics = sorted((run / "eval").glob("*/probe/metrics.json"))[-1]
     m = json.loads(metrics.read_text())["metrics"]
     print(f"\nLinear probe on {m['probe_test_count']} held-out images (fit on {m['probe_fit_count']}), d = "

@@ -110,6 +110,11 @@ def test_sde_base_samples_given_codes_and_images_and_code_zero_is_the_unconditio
                                     "model": {}})
     assert info.samplers == samplers_for(OBJ, options) and info.default_sampler == "pc"
     check_sampler(OBJ, SamplerSettings(sampler), options={"code_dim": D, "base": base})
+    from evaluation.editing import EditModel, _inpaint_sampler  # launch/edit.py's default inpainting sampler
+
+    edit = EditModel(None, OBJ, (3, 8, 8), 0, {}, "cpu", options={"code_dim": D, "base": base})
+    assert _inpaint_sampler(edit, None) == "pc" and _inpaint_sampler(EditModel(None, OBJ, (3, 8, 8), 0, {}, "cpu"),
+                                                                      None) == "ddpm"
     rep = _objective(base=base, base_options=BASE_OPTIONS[base])
     view = make_view(OBJ, _net(), rep, options)
     x0, seeds, shape = _x0(2), [3, 4], (2, 3, 8, 8)
