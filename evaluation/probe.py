@@ -187,10 +187,10 @@ def probe_checkpoint(cfg, run_url: str, checkpoint: int, ema_rate: float | None)
 
     A time-dependent encoder E_phi(x0, t) is probed at one diffusion time, ``eval.probe_t`` (mapped to
     the network's time input as in training: the DDPM timestep round(t (T - 1)), or the SDE's
-    noise input at t); it is recorded as ``probe_t``. The paper (Abstreiter et al. 2021, sec. 4)
-    fixes no single t for its time-dependent code: it reads the code along the trajectory and
-    reports how the classifier's accuracy varies with t, so t is a per-run choice here (default
-    0.5, mid-trajectory). A Gaussian encoder is probed by its mean mu.
+    noise input at t); it is recorded as ``probe_t``. What such a code keeps depends on t (the
+    noisier x_t, the coarser the detail the network needs from it), so t is a per-run choice here
+    (default 0.5, mid-trajectory) and runs compare at the same ``probe_t``. A Gaussian encoder is
+    probed by its mean mu.
     """
     from pipeline.loading import load_checkpoint_model
 
