@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from evaluation.model_sampling import from_uint8
 from evaluation.pool import run_on_pool
 from evaluation.reference import ShardItem, dataset_manifest, leading_shards, read_shard_images
 from pipeline.diffusion import registry
@@ -102,7 +103,7 @@ def _shard_bpd(state: LikelihoodModel, item: tuple[int, ShardItem], eval_seed: i
         return np.zeros(0)
     if state.num_classes and labels is None:
         raise ValueError(f"{shard_item.url}: the model is class-conditional but the shard has no 'cls' labels")
-    x0_all = torch.from_numpy(images).permute(0, 3, 1, 2).float().to(state.device) / 127.5 - 1
+    x0_all = from_uint8(images, state.device)
     totals = []
     for lo in range(0, len(images), batch_size):
         x0 = x0_all[lo : lo + batch_size]

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from evaluation.model_sampling import to_uint8
+from evaluation.model_sampling import from_uint8, to_uint8
 from evaluation.seeds import sample_seed
 from pipeline.diffusion import registry
 from pipeline.diffusion.samplers import noise_from_seeds
@@ -79,8 +79,7 @@ def upsample_images(up: Any, images: np.ndarray, seeds: Sequence[int], labels: S
     out = []
     for start in range(0, len(images), batch_size):
         stop = min(start + batch_size, len(images))
-        low = torch.from_numpy(np.ascontiguousarray(images[start:stop])).permute(0, 3, 1, 2).float() / 127.5 - 1
-        low = low.to(device)
+        low = from_uint8(images[start:stop], device)
         batch_seeds = torch.as_tensor(up_seeds[start:stop], dtype=torch.int64)
         if level > 0:
             aug_seeds = torch.as_tensor([sample_seed(int(s), _AUGMENT) for s in seeds[start:stop]], dtype=torch.int64)

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from evaluation.model_sampling import labels_from_seeds, to_uint8
+from evaluation.model_sampling import from_uint8, labels_from_seeds, to_uint8
 from evaluation.seeds import sample_seeds
 from pipeline.diffusion import ddim_invert, registry, slerp
 from pipeline.diffusion.guidance import classifier_free_guidance
@@ -41,7 +41,6 @@ __all__ = [
     "add_arguments",
     "ddim_sampler",
     "decode",
-    "from_unit",
     "inpaint",
     "interpolate",
     "invert",
@@ -119,11 +118,6 @@ def load_edit_model(model: str, device: str = "cpu", *, class_label: int | None 
 # Images and latents
 
 
-def from_unit(images: np.ndarray) -> Tensor:
-    """(B, H, W, C) uint8 -> (B, C, H, W) float32 in [-1, 1] (the inverse of ``to_uint8``)."""
-    return torch.tensor(np.asarray(images), dtype=torch.float32).permute(0, 3, 1, 2) / 127.5 - 1
-
-
 def _read_png(path: str, what: str) -> np.ndarray:
     from PIL import Image
 
@@ -151,7 +145,7 @@ def read_image(path: str, shape: tuple[int, int, int], what: str = "--inpaint") 
         if c == 1:
             raise ValueError(f"{what}: {path!r} has {array.shape[2]} channels; the model takes gray images")
         array = np.repeat(array, c, axis=2)
-    return from_unit(array[None])
+    return from_uint8(array[None])
 
 
 def read_mask(path: str, shape: tuple[int, int, int]) -> Tensor:

@@ -101,6 +101,12 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
+def from_uint8(images: np.ndarray, device: str | torch.device | None = None) -> torch.Tensor:
+    """(B, H, W, C) uint8 -> (B, C, H, W) float32 in [-1, 1] on ``device``, as training reads images
+    (the inverse of :func:`to_uint8` on its levels)."""
+    return torch.tensor(np.asarray(images), device=device).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
 def labels_from_seeds(seeds: np.ndarray, num_classes: int) -> np.ndarray:
     """One uniform class label per sample, from its seed alone."""
     return np.array([np.random.default_rng([int(s), 1]).integers(num_classes) for s in seeds], dtype=np.int64)

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from evaluation.model_sampling import from_uint8
 from evaluation.reference import dataset_manifest, leading_shards, read_shard_images
 
 __all__ = [
@@ -106,8 +107,7 @@ def encode_images(encoder: nn.Module, images: np.ndarray, batch_size: int = 256)
     encoder = encoder.eval()
     out = []
     for lo in range(0, len(images), batch_size):
-        x = torch.from_numpy(images[lo:lo + batch_size]).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
-        out.append(encoder(x).double().cpu().numpy())
+        out.append(encoder(from_uint8(images[lo:lo + batch_size], device)).double().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0))
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from evaluation.model_sampling import SamplerSettings, to_uint8
+from evaluation.model_sampling import SamplerSettings, from_uint8, to_uint8
 from evaluation.seeds import sample_seeds
 from pipeline.diffusion import registry
 
@@ -58,15 +58,11 @@ def _view(model):
     return view
 
 
-def _to_model_input(images: np.ndarray, device) -> torch.Tensor:
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().to(device) / 127.5 - 1
-
-
 @torch.no_grad()
 def encode_folder(model, images: np.ndarray, device, t: torch.Tensor | None = None) -> torch.Tensor:
     """The codes z = E_phi(x0) of (N, H, W, C) uint8 images, (N, d); a time-dependent encoder's at the
     network time input ``t``."""
-    return _view(model).encode(_to_model_input(images, device), t)
+    return _view(model).encode(from_uint8(images, device), t)
 
 
 @torch.no_grad()
@@ -101,7 +97,7 @@ def sample_from_images(model, images: np.ndarray, seeds: np.ndarray, settings: S
     """One uint8 sample per (image, seed) row, drawn from the network conditioned on the image's code
     (E_phi(x0), or E_phi(x0, t) at every network call for a time-dependent encoder)."""
     view = _view(model)
-    x0 = _to_model_input(images, device)
+    x0 = from_uint8(images, device)
     return _draw(model, lambda lo, hi: view.with_images(x0[lo:hi]), len(images), seeds, settings, device,
                  batch_size)
 
@@ -124,7 +120,7 @@ def interpolation_row(model, a: np.ndarray, b: np.ndarray, steps: int, settings:
     For a time-dependent encoder the codes are interpolated at every network call:
     (1 - s) E_phi(a, t) + s E_phi(b, t)."""
     view = _view(model)
-    pair = _to_model_input(np.stack([a, b]), device)
+    pair = from_uint8(np.stack([a, b]), device)
     s = torch.linspace(0, 1, steps, device=pair.device)[:, None]
     seeds = np.full(steps, sample_seeds(seed, np.arange(1))[0])
 

@@ -143,10 +143,10 @@ def diffusion_encoder(data):
     keeps improving with training (the demo trains 3000 steps through Ray and DeepSpeed, README).
     Training with the code withheld from the network (the broken variant: the encoder gets no
     gradient) leaves the probe at 0.260, the random encoder's, and fails the margin."""
-    from evaluation.reference import dataset_manifest, read_shard_images
+    from evaluation.model_sampling import from_uint8
+    from evaluation.probe import labelled_images
 
-    shards = [read_shard_images(s) for s in dataset_manifest(str(data / "train"))[2]]
-    x = torch.from_numpy(np.concatenate([s[0] for s in shards])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    x = from_uint8(labelled_images(str(data / "train"), 8000)[0])
     torch.manual_seed(0)
     objective = build_objective(OBJ, {"code_dim": 16, "timesteps": 1000, "schedule": "cosine",
                                       "parameterization": "x0", "variance": "fixed_small", "lambda_z": 1e-4})

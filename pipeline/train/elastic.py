@@ -34,11 +34,14 @@ weights and both moments in CPU memory (12 bytes per parameter).
 from __future__ import annotations
 
 import glob
+import math
 import os
 import re
 from typing import Any
 
 import torch
+
+from pipeline.train.ema import partition_size
 
 __all__ = ["MOMENTS", "full_optimizer_state", "load_resharded", "rank_slice", "read_rank_files"]
 
@@ -103,7 +106,7 @@ def full_optimizer_state(param_shapes: list[dict[str, Any]], rank_sds: list[dict
             offset = 0
             for i, (name, shape) in enumerate(shapes.items()):
                 shape = tuple(shape)
-                numel = _numel(shape)
+                numel = math.prod(shape)
                 if offset + numel > flat["fp32"].numel():
                     raise ValueError(f"ZeRO-{stage} files hold {flat['fp32'].numel()} elements in group {g}; "
                                      f"parameter {name} needs {offset + numel}")
@@ -118,8 +121,8 @@ def full_optimizer_state(param_shapes: list[dict[str, Any]], rank_sds: list[dict
         for shapes in param_shapes:
             for name, shape in shapes.items():
                 shape = tuple(shape)
-                numel = _numel(shape)
-                part = -(-numel // world)
+                numel = math.prod(shape)
+                part = partition_size(numel, world)
                 out[name] = {k: torch.cat([f[k][offset:offset + part] for f in flats])[:numel].view(shape).clone()
                              for k in flats[0]}
                 offset += part
@@ -127,17 +130,10 @@ def full_optimizer_state(param_shapes: list[dict[str, Any]], rank_sds: list[dict
     raise ValueError(f"zero_stage {stage}: no per-rank optimizer partitions to re-split")
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
-
-
 def rank_slice(full: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     """Rank ``rank``'s ZeRO-3 piece of ``full``: ``ceil(numel / world)`` elements, zero-padded at the end."""
     flat = full.reshape(-1)
-    part = -(-flat.numel() // world)
+    part = partition_size(flat.numel(), world)
     piece = flat[part * rank:part * (rank + 1)]
     if piece.numel() < part:
         piece = torch.cat([piece, piece.new_zeros(part - piece.numel())])

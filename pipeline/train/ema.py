@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["EMA", "PowerEMA", "SliceSpec", "assemble_full", "ema_decay"]
+__all__ = ["EMA", "PowerEMA", "SliceSpec", "assemble_full", "ema_decay", "partition_size"]
 
 
 def ema_decay(rate: float, num_updates: int, warmup: bool) -> float:
@@ -36,7 +36,8 @@ class SliceSpec:
     length: int  # number of real (unpadded) elements this rank holds
 
 
-def _partition_size(numel: int, world: int) -> int:
+def partition_size(numel: int, world: int) -> int:
+    """ZeRO-3's elements per rank of a tensor of ``numel`` elements: ceil(numel / world)."""
     return -(-numel // world)
 
 
@@ -50,7 +51,7 @@ def _local_view(param: torch.Tensor, rank: int, world: int) -> tuple[torch.Tenso
         length = max(0, min(size, numel - start))
         return ds_tensor.view(-1)[:length], min(start, numel), shape
     numel, shape = param.numel(), tuple(param.shape)
-    size = _partition_size(numel, world)
+    size = partition_size(numel, world)
     start = min(size * rank, numel)
     length = max(0, min(size, numel - start))
     return param.detach().view(-1)[start:start + length], start, shape
